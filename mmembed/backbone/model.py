@@ -1,0 +1,224 @@
+"""The shared backbone: stock transformers InternVL3 + VTC, built from a preset or a local HF checkpoint."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration
+
+from mmembed.backbone.finetune import QLORA_SKIP_MODULES, FinetuneConfig, apply_finetuning
+from mmembed.backbone.inputs import InputBuilder, TilePolicy
+from mmembed.backbone.pooling import last_token_pool
+from mmembed.backbone.presets import PRESETS, preset_config
+from mmembed.backbone.tokenizer import ImageOnlyInternVLProcessor, build_image_processor, build_tokenizer
+from mmembed.backbone.vtc import PLACEMENTS, apply_vtc, tokens_per_tile
+
+DEFAULT_VTC_FACTOR = 2
+DEFAULT_PLACEMENT = "pre_shuffle"
+MMEMBED_CONFIG = "mmembed.json"
+
+
+def _is_folder(name_or_path: str | Path) -> bool:
+    return str(name_or_path) not in PRESETS and (Path(name_or_path).exists() or "/" in str(name_or_path))
+
+
+def _check_folder(path: Path) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint folder (and not a preset: {sorted(PRESETS)})")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint folder (no config.json); point at an InternVL3-*-hf folder")
+    if not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"{path}: no *.safetensors weights in this folder; this kit loads safetensors only")
+
+
+def _saved_settings(name_or_path) -> dict:
+    if not _is_folder(name_or_path):
+        return {}
+    f = Path(name_or_path) / MMEMBED_CONFIG
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def resolve_vtc(name_or_path, vtc_factor: int | None, vtc_placement: str | None) -> tuple[int, str]:
+    """Explicit arguments win; else what an mmembed-saved folder recorded; else the paper's (2, pre_shuffle)."""
+    saved = _saved_settings(name_or_path)
+    factor = vtc_factor if vtc_factor is not None else saved.get("vtc_factor", DEFAULT_VTC_FACTOR)
+    placement = vtc_placement or saved.get("vtc_placement", DEFAULT_PLACEMENT)
+    if placement not in PLACEMENTS:
+        raise ValueError(f"vtc_placement must be one of {PLACEMENTS}, got {placement!r}")
+    return int(factor), placement
+
+
+def load_processor(name_or_path: str | Path, vtc_factor: int | None = None, image_seq_length: int | None = None):
+    """Build (preset) or load (folder) the image-only InternVL processor, with ``image_seq_length`` set for VTC.
+
+    Cheap: builds no model, so DataModules can call it in every worker. Returns ``(processor, config)``.
+
+    Raises:
+        ValueError: ``image_seq_length`` was given and disagrees with what ``vtc_factor`` implies.
+    """
+    factor, _ = resolve_vtc(name_or_path, vtc_factor, None)
+    if _is_folder(name_or_path):
+        path = Path(name_or_path)
+        _check_folder(path)
+        config = InternVLConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        image_processor = GotOcr2ImageProcessorPil.from_pretrained(path)
+    else:
+        if str(name_or_path) not in PRESETS:
+            raise ValueError(f"unknown preset {name_or_path!r}; choose one of {sorted(PRESETS)} or a local folder")
+        tokenizer = _preset_tokenizer(PRESETS[str(name_or_path)].tokenizer_vocab)
+        config = preset_config(str(name_or_path), len(tokenizer), tokenizer.context_image_token_id)
+        size = config.vision_config.image_size
+        image_processor = build_image_processor(size[0] if isinstance(size, list | tuple) else size)
+    n = tokens_per_tile(config, factor)
+    if image_seq_length is not None and image_seq_length != n:
+        raise ValueError(
+            f"image_seq_length={image_seq_length} but vtc_factor={factor} gives {n} visual tokens per tile for this "
+            f"backbone; drop image_seq_length (it is derived) or set vtc_factor to match"
+        )
+    processor = ImageOnlyInternVLProcessor(image_processor, tokenizer, image_seq_length=n)
+    return processor, config
+
+
+_TOKENIZERS: dict[int, object] = {}
+
+
+def _preset_tokenizer(vocab: int):
+    # Training the BPE takes a few seconds; every preset of one vocab size shares the (deterministic) result.
+    if vocab not in _TOKENIZERS:
+        _TOKENIZERS[vocab] = build_tokenizer(vocab)
+    return _TOKENIZERS[vocab]
+
+
+def _load_model(name_or_path, config: InternVLConfig, quantize_4bit: bool, dtype: torch.dtype | None, seed: int):
+    if not _is_folder(name_or_path):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = InternVLForConditionalGeneration(config)
+        if dtype is not None:
+            model = model.to(dtype)
+        if not quantize_4bit:
+            return model
+        # QLoRA on a random-init preset goes through the same path as a real checkpoint: save, reload quantized.
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            return _load_model(tmp, config, True, dtype, seed)
+    kwargs = {}
+    if quantize_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype or torch.float32,
+            llm_int8_skip_modules=QLORA_SKIP_MODULES)
+    model, info = InternVLForConditionalGeneration.from_pretrained(
+        name_or_path, config=config, dtype=dtype or "auto", output_loading_info=True, **kwargs)
+    bad = {k: sorted(v)[:5] for k, v in info.items() if k != "error_msgs" and v}
+    if bad or info.get("error_msgs"):
+        raise RuntimeError(f"{name_or_path}: checkpoint does not match the InternVL architecture: {bad} "
+                           f"{info.get('error_msgs', '')}; is this an InternVL3-*-hf folder?")
+    return model
+
+
+class VTCBackbone(nn.Module):
+    """A stock ``InternVLForConditionalGeneration`` with visual token compression, plus last-token embedding.
+
+    Args:
+        model: the transformers model (plain, peft-wrapped, or 4-bit).
+        vtc_factor: compression factor ``s`` (1 = native InternVL3, 2 = paper, 4).
+        vtc_placement: ``pre_shuffle`` (default) or ``post_shuffle``; see ``mmembed.backbone.vtc``.
+    """
+
+    def __init__(self, model: nn.Module, vtc_factor: int = DEFAULT_VTC_FACTOR,
+                 vtc_placement: str = DEFAULT_PLACEMENT) -> None:
+        super().__init__()
+        self.model = model
+        self.vtc_factor = vtc_factor
+        self.vtc_placement = vtc_placement
+        self.tokens_per_tile = apply_vtc(self.internvl, vtc_factor, vtc_placement)
+
+    @property
+    def hf_model(self) -> InternVLForConditionalGeneration:
+        """The underlying transformers model (LoRA layers, if any, are injected in place)."""
+        m = self.model
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    @property
+    def internvl(self):
+        """The stock ``InternVLModel`` (vision tower, projector, language model; no LM head)."""
+        return self.hf_model.model
+
+    @property
+    def config(self) -> InternVLConfig:
+        return self.hf_model.config
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.text_config.hidden_size
+
+    def check_processor(self, processor) -> None:
+        """Fail early, with the fix, when a processor's token count disagrees with this backbone's compression."""
+        if processor.image_seq_length != self.tokens_per_tile:
+            raise ValueError(
+                f"processor.image_seq_length={processor.image_seq_length} but the backbone (vtc_factor="
+                f"{self.vtc_factor}) makes {self.tokens_per_tile} tokens per tile; build the processor with "
+                f"load_processor(..., vtc_factor={self.vtc_factor})"
+            )
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              **_: object) -> torch.Tensor:
+        """(B, D) L2-normalised last-token embeddings (paper eq. 1). Extra batch keys (``num_tiles``) are ignored."""
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(self.internvl.vision_tower.dtype)
+        out = self.internvl(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                            use_cache=False)
+        return last_token_pool(out.last_hidden_state, attention_mask)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **kwargs):
+        """Language-model forward (logits, and the stock shifted next-token loss when ``labels`` are given)."""
+        kwargs.pop("num_tiles", None)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                          labels=labels, use_cache=False, **kwargs)
+
+
+def build_backbone(
+    name_or_path: str | Path = "tiny",
+    vtc_factor: int | None = None,
+    vtc_placement: str | None = None,
+    finetune: FinetuneConfig | dict | None = None,
+    dtype: torch.dtype | str | None = None,
+    seed: int = 0,
+) -> VTCBackbone:
+    """Build the shared backbone from a preset name (random init, seeded) or a local checkpoint folder.
+
+    Args:
+        name_or_path: preset (``tiny``, ``mini``, ``internvl3_1b``, ``internvl3_2b``, ``internvl3_8b``) or a folder
+            in the ``OpenGVLab/InternVL3-*-hf`` layout (or one written by ``Embedder.save_pretrained``).
+        vtc_factor: 1, 2 or 4; default: what the folder recorded, else 2.
+        vtc_placement: ``pre_shuffle`` / ``post_shuffle``; default as above.
+        finetune: a ``FinetuneConfig`` (or its fields); ``None`` = frozen.
+        dtype: parameter dtype (e.g. ``torch.bfloat16`` or ``"bfloat16"``); default fp32 for presets, the
+            checkpoint's own for folders.
+        seed: init seed for presets.
+    """
+    factor, placement = resolve_vtc(name_or_path, vtc_factor, vtc_placement)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    ft = finetune if isinstance(finetune, FinetuneConfig) else FinetuneConfig(**(finetune or {"mode": "frozen"}))
+    _, config = load_processor(name_or_path, factor)
+    model = _load_model(name_or_path, config, ft.mode == "qlora", dtype, seed)
+    model = apply_finetuning(model, ft)
+    return VTCBackbone(model, factor, placement)
+
+
+def build_input_builder(name_or_path: str | Path = "tiny", vtc_factor: int | None = None,
+                        tile_policy: TilePolicy | dict | None = None, use_chat_template: bool = True,
+                        max_text_tokens: int = 256) -> InputBuilder:
+    """The input builder (templates + processor + tiling) that goes with ``build_backbone(name_or_path, ...)``."""
+    processor, _ = load_processor(name_or_path, vtc_factor)
+    policy = tile_policy if isinstance(tile_policy, TilePolicy) or tile_policy is None else TilePolicy(**tile_policy)
+    return InputBuilder(processor, policy, use_chat_template=use_chat_template, max_text_tokens=max_text_tokens)

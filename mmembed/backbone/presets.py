@@ -1,0 +1,102 @@
+"""Model presets: exact published InternVL3 shapes (random init) and small CPU shapes.
+
+Each preset is a pair of plain dicts (vision / text sub-configs) turned into a stock ``InternVLConfig``. Published
+shapes follow the ``OpenGVLab/InternVL3-*-hf`` configs: InternViT-300M-448px-V2_5 vision tower with a Qwen2 /
+Qwen2.5 language model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import InternVLConfig
+
+INTERNVIT_300M = dict(
+    hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, image_size=[448, 448],
+    patch_size=[14, 14], norm_type="layer_norm", use_qk_norm=False, layer_scale_init_value=0.1, hidden_act="gelu",
+    attention_bias=True, use_mean_pooling=True,
+)
+_QWEN_COMMON = dict(model_type="qwen2", vocab_size=151674, max_position_embeddings=32768, rope_theta=1_000_000.0,
+                    rms_norm_eps=1e-6, hidden_act="silu")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named backbone shape.
+
+    Attributes:
+        vision: kwargs for ``InternVLVisionConfig``.
+        text: kwargs for the Qwen2 text config (``vocab_size`` may be ``None``: the offline tokenizer's size).
+        tokenizer_vocab: size of the offline BPE vocabulary built for this preset.
+        extra: other ``InternVLConfig`` fields.
+    """
+
+    vision: dict[str, Any]
+    text: dict[str, Any]
+    tokenizer_vocab: int = 2048
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    # CPU unit tests: well under a second per training step. 64px tiles, patch 8 -> 8x8 grid -> 16 native tokens.
+    "tiny": Preset(
+        vision=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                    image_size=[64, 64], patch_size=[8, 8], attention_bias=True, layer_scale_init_value=0.1),
+        text=dict(model_type="qwen2", vocab_size=None, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=128, max_position_embeddings=4096, rope_theta=10000.0,
+                  tie_word_embeddings=True),
+    ),
+    # Shaped like InternVL3-2B (real 448px/14 tiling, 256 native tokens per tile, LLM much larger than the vision
+    # tower) yet small enough to time on CPU.
+    "mini": Preset(
+        vision=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                    image_size=[448, 448], patch_size=[14, 14], attention_bias=True, layer_scale_init_value=0.1),
+        text=dict(model_type="qwen2", vocab_size=None, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
+                  num_key_value_heads=2, intermediate_size=1536, max_position_embeddings=8192, rope_theta=10000.0,
+                  tie_word_embeddings=True),
+    ),
+    "internvl3_1b": Preset(
+        vision=INTERNVIT_300M,
+        text=dict(_QWEN_COMMON, hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                  intermediate_size=4864, tie_word_embeddings=True),
+    ),
+    "internvl3_2b": Preset(
+        vision=INTERNVIT_300M,
+        text=dict(_QWEN_COMMON, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, intermediate_size=8960, tie_word_embeddings=True),
+    ),
+    "internvl3_8b": Preset(
+        vision=INTERNVIT_300M,
+        text=dict(_QWEN_COMMON, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, intermediate_size=18944, tie_word_embeddings=False),
+    ),
+}
+
+
+def preset_config(name: str, vocab_size: int, image_token_id: int) -> InternVLConfig:
+    """Build the stock ``InternVLConfig`` for a preset.
+
+    Args:
+        name: a key of ``PRESETS``.
+        vocab_size: used when the preset's text vocab is not fixed (small presets use the offline tokenizer's size).
+        image_token_id: id of ``<IMG_CONTEXT>`` in the tokenizer that goes with this model.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or pass a local checkpoint folder")
+    p = PRESETS[name]
+    text = dict(p.text)
+    if text.get("vocab_size") is None:
+        text["vocab_size"] = vocab_size
+    tie = text.pop("tie_word_embeddings", True)
+    return InternVLConfig(
+        vision_config=dict(p.vision),
+        text_config=text,
+        image_token_id=image_token_id,
+        downsample_ratio=0.5,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=tie,
+        **p.extra,
+    )
