@@ -187,3 +187,12 @@ def test_qlora_quantizes_llm_only_and_trains():
     bb.train()
     _step(bb, build_input_builder("tiny"))
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in bb.named_parameters() if "lora_B" in n)
+
+
+def test_same_seed_same_trainable_model():
+    a = build_backbone("tiny", seed=5, finetune={"mode": "lora", "lora_r": 4})
+    b = build_backbone("tiny", seed=5, finetune={"mode": "lora", "lora_r": 4})
+    c = build_backbone("tiny", seed=6, finetune={"mode": "lora", "lora_r": 4})
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa if "lora_A" in k)

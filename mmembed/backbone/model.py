@@ -139,6 +139,7 @@ class VTCBackbone(nn.Module):
         self.vtc_factor = vtc_factor
         self.vtc_placement = vtc_placement
         self.tokens_per_tile = apply_vtc(self.internvl, vtc_factor, vtc_placement)
+        self.source: str | None = None
 
     @property
     def hf_model(self) -> InternVLForConditionalGeneration:
@@ -211,8 +212,13 @@ def build_backbone(
     ft = finetune if isinstance(finetune, FinetuneConfig) else FinetuneConfig(**(finetune or {"mode": "frozen"}))
     _, config = load_processor(name_or_path, factor)
     model = _load_model(name_or_path, config, ft.mode == "qlora", dtype, seed)
-    model = apply_finetuning(model, ft)
-    return VTCBackbone(model, factor, placement)
+    # peft draws LoRA-A from the global RNG: seed it too, so the same seed gives the same trainable model.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = apply_finetuning(model, ft)
+    backbone = VTCBackbone(model, factor, placement)
+    backbone.source = str(name_or_path)  # lets modules rebuild the matching InputBuilder
+    return backbone
 
 
 def build_input_builder(name_or_path: str | Path = "tiny", vtc_factor: int | None = None,

@@ -18,4 +18,7 @@ def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor, normaliz
     # Index of the last 1 in each row: L - 1 - (position of the first 1 in the reversed row).
     last = length - 1 - attention_mask.flip(-1).long().argmax(-1)
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return F.normalize(pooled.float(), dim=-1) if normalize else pooled
+    if not normalize:
+        return pooled
+    # Half-precision hidden states are normalised (and scored) in float32; wider dtypes are kept.
+    return F.normalize(pooled.float() if pooled.dtype in (torch.float16, torch.bfloat16) else pooled, dim=-1)

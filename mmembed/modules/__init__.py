@@ -1,0 +1,7 @@
+"""Thin LightningModules over the shared VTC backbone."""
+
+from mmembed.modules.base import BackboneModule
+from mmembed.modules.contrastive import ContrastiveModule
+from mmembed.modules.restoration import RestorationModule
+
+__all__ = ["BackboneModule", "ContrastiveModule", "RestorationModule"]

@@ -1,0 +1,64 @@
+"""What every mmembed LightningModule shares: the backbone, optimiser/scheduler wiring, the Embedder view."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+
+from mmembed.backbone.inputs import InputBuilder, TilePolicy
+from mmembed.backbone.model import VTCBackbone, build_input_builder
+
+
+class BackboneModule(L.LightningModule):
+    """Base class: holds a ``VTCBackbone`` and builds optimiser + per-step LR schedule from partials.
+
+    Args:
+        backbone: the shared VTC backbone (``mmembed.backbone.build_backbone``).
+        optimizer: ``functools.partial`` of a torch optimiser taking ``params`` (Hydra ``_partial_: true``).
+        scheduler: optional partial taking ``optimizer`` and ``num_training_steps`` (e.g.
+            ``transformers.get_cosine_schedule_with_warmup`` with ``num_warmup_steps`` bound); stepped per step.
+        tile_policy: tiling for the ``Embedder`` view used by eval callbacks.
+        input_builder: explicit builder for the ``Embedder`` view (default: rebuilt from the backbone's source).
+    """
+
+    def __init__(self, backbone: VTCBackbone, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+                 scheduler: Callable[..., Any] | None = None, tile_policy: dict | None = None,
+                 input_builder: InputBuilder | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.tile_policy = TilePolicy(**tile_policy) if tile_policy else None
+        self._input_builder = input_builder
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError("the backbone has no trainable parameter; set finetune.mode to lora, qlora or full")
+        factory = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=2e-4))
+        opt = factory(params)
+        if self.scheduler_factory is None:
+            return opt
+        sched = self.scheduler_factory(opt, num_training_steps=max(1, int(self.trainer.estimated_stepping_batches)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    @property
+    def input_builder(self) -> InputBuilder:
+        if self._input_builder is None:
+            if self.backbone.source is None:
+                raise ValueError("pass input_builder= to the module: the backbone does not record its source")
+            self._input_builder = build_input_builder(self.backbone.source, self.backbone.vtc_factor,
+                                                      self.tile_policy)
+        return self._input_builder
+
+    def embedder(self):
+        """An ``Embedder`` sharing this module's (training) backbone, for evaluation callbacks and export."""
+        from mmembed.embedder import Embedder
+
+        return Embedder(self.backbone, self.input_builder)
