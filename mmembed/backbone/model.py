@@ -178,10 +178,12 @@ class VTCBackbone(nn.Module):
                             use_cache=False)
         return last_token_pool(out.last_hidden_state, attention_mask)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **kwargs):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs):
         """Language-model forward (logits, and the stock shifted next-token loss when ``labels`` are given)."""
         kwargs.pop("num_tiles", None)
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(self.internvl.vision_tower.dtype)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                           labels=labels, use_cache=False, **kwargs)
 

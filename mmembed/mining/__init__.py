@@ -4,3 +4,6 @@ from mmembed.mining.sampling import filter_ranked, rule_based_negatives, sample_
 from mmembed.mining.search import topk_search
 
 __all__ = ["filter_ranked", "rule_based_negatives", "sample_window_negatives", "topk_search"]
+from mmembed.mining.mine import DatasetMiningStats, MiningSummary, content_key, mine_hard_negatives  # noqa: E402
+
+__all__ += ["DatasetMiningStats", "MiningSummary", "content_key", "mine_hard_negatives"]

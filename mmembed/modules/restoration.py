@@ -21,7 +21,10 @@ class RestorationModule(BackboneModule):
         self.save_hyperparameters(ignore=["backbone", "input_builder", "optimizer", "scheduler"])
 
     def _loss(self, batch: dict[str, Any]):
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values", "labels")}
+        # position_ids: packed batches restart positions per conversation and carry no attention mask; the stock
+        # model then builds a block-diagonal causal mask, so conversations never attend to each other.
+        keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "labels")
+        inputs = {k: v for k, v in batch.items() if k in keys}
         return self.backbone(**inputs).loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):

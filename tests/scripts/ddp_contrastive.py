@@ -63,7 +63,8 @@ def main() -> None:
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     module = ContrastiveModule(backbone, optimizer=lambda params: torch.optim.SGD(params, lr=0.0))
-    trainer = L.Trainer(accelerator="cpu", devices=2 if mode == "ddp" else 1, strategy="ddp" if mode == "ddp" else "auto",
+    ddp = mode == "ddp"
+    trainer = L.Trainer(accelerator="cpu", devices=2 if ddp else 1, strategy="ddp" if ddp else "auto",
                         max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False,
                         callbacks=[GradSaver(out_dir / f"{mode}.pt")])

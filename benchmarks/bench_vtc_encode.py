@@ -1,0 +1,190 @@
+"""Encode throughput of VTC (s=2) against native InternVL3 (s=1) on the same weights (paper §3.2, Table 6).
+
+Issue: for the mini preset and in one run, print visual tokens per item and the VTC / native encode-throughput ratio
+for natural images and for 4-tile documents; goal on CPU >= 1.2x for natural images and >= 1.6x for documents.
+
+Both models are built from the same preset and seed, so they hold identical weights (the compression is
+parameter-free) and differ only in ``vtc_factor``. Candidates follow the paper's Table 6 setting: natural images of
+one tile (448 px for InternVL shapes) and document pages of twice the tile side, which the document tiler cuts into
+2 x 2 tiles plus a thumbnail, each with the paper's candidate instruction. Reported per kind and model:
+
+- encode items/s: ``Embedder.encode`` end to end (templating, tiling, image processing, model);
+- model-only items/s: ``VTCBackbone.embed`` on batches built beforehand;
+- the split of the time into preprocessing, vision tower (+ compression + projector) and LLM (model minus vision).
+
+Run from the repository root::
+
+    .venv/bin/python -m benchmarks.bench_vtc_encode                                # mini, CPU defaults
+    .venv/bin/python -m benchmarks.bench_vtc_encode --mini-shape 2b-proportional   # shape with 2B proportions
+    python -m benchmarks.bench_vtc_encode --n 64 --batch-size 16                   # GPU box (bf16 by default)
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+
+from benchmarks.common import (
+    REFERENCE_PRESET,
+    add_common_args,
+    check_common_args,
+    count_image_tokens,
+    device_description,
+    document_pages,
+    log,
+    natural_images,
+    print_shape_table,
+    print_table,
+    ratio_line,
+    resolve_preset,
+    run_interleaved,
+    setup_device,
+    tile_side,
+)
+
+# Targets from the issue (CPU, mini preset): encode throughput of VTC over native.
+GOALS = {"natural": 1.2, "document": 1.6}
+FACTORS = (2, 1)  # VTC first: the order within a repetition alternates anyway
+KINDS = ("natural", "document")
+# Candidate-side instructions of the paper (Tables 11-12): MSCOCO t2i for natural images, VisRAG for documents.
+INSTRUCTION_SOURCE = {"natural": "MSCOCO_t2i", "document": "VisRAG"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(parser, reps=3)
+    parser.add_argument("--n", type=int, default=4, help="items encoded per kind and repetition")
+    parser.add_argument("--batch-size", type=int, default=4, help="Embedder.encode batch size")
+    args = parser.parse_args(argv)
+    check_common_args(args)
+    if args.n < 1 or args.batch_size < 1:
+        raise SystemExit(f"--n and --batch-size must be >= 1 (got {args.n}, {args.batch_size})")
+    return args
+
+
+def build_items(preset: str, n: int, seed: int) -> dict:
+    """``n`` natural-image and ``n`` document candidates with the paper's instructions."""
+    from mmembed import Item
+    from mmembed.backbone.templates import instructions_for
+
+    rng = random.Random(seed)
+    side = tile_side(preset)
+    instr = {k: instructions_for(v)[1] for k, v in INSTRUCTION_SOURCE.items()}
+    return {
+        "natural": [Item(image=im, instruction=instr["natural"], kind="natural")
+                    for im, _ in natural_images(rng, n, side)],
+        # Twice the tile side: the document policy (<= 4 tiles) then yields 2 x 2 tiles + a thumbnail, as the
+        # paper's 896x896 VisDoc pages do with 448 px tiles.
+        "document": [Item(image=im, instruction=instr["document"], kind="document")
+                     for im, _ in document_pages(rng, n, 2 * side)],
+    }
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark, print the tables and ratio lines; returns the measured numbers (for tests)."""
+    args = parse_args(argv)
+    from mmembed import Embedder
+
+    device, dtype = setup_device(args.device, args.dtype, args.threads)
+    name = resolve_preset(args.preset, args.mini_shape)
+    print(f"device: {device_description(device)} | dtype {str(dtype).removeprefix('torch.')} | preset {name}")
+
+    t0 = time.perf_counter()
+    emb = {s: Embedder.from_pretrained(name, vtc_factor=s, device=device, dtype=dtype, seed=args.seed)
+           for s in FACTORS}
+    log(f"built both models in {time.perf_counter() - t0:.1f} s")
+    identical = same_weights(emb[1].module, emb[2].module)
+    items = build_items(name, args.n, args.seed)
+
+    # Batches built once, on the device, in the order encode() uses (items of one kind cost the same, so it keeps
+    # the input order), for the model-only and vision-only timings.
+    batches = {}
+    tokens, seq_len, tiles = {}, {}, {}
+    for kind in KINDS:
+        for s in FACTORS:
+            e, its = emb[s], items[kind]
+            built = [e.input_builder(its[i:i + args.batch_size], "candidate").to(device)
+                     for i in range(0, len(its), args.batch_size)]
+            batches[kind, s] = built
+            counted = [c for b in built for c in count_image_tokens(b["input_ids"], e.module.config.image_token_id)]
+            declared = [e.num_visual_tokens(it) for it in its]
+            if counted != declared:
+                raise RuntimeError(f"{kind}, s={s}: the batches hold {counted} visual tokens per item but "
+                                   f"num_visual_tokens says {declared}")
+            tokens[kind, s] = sum(counted) / len(counted)
+            seq_len[kind, s] = sum(int(b["attention_mask"].sum()) for b in built) / len(its)
+            tiles[kind, s] = sum(int(b["num_tiles"].sum()) for b in built) / len(its)
+
+    def encode_fn(kind: str, s: int):
+        return lambda: emb[s].encode(items[kind], role="candidate", batch_size=args.batch_size, show_progress=False)
+
+    def model_fn(kind: str, s: int):
+        return lambda: [emb[s].module.embed(**b) for b in batches[kind, s]]
+
+    def vision_fn(kind: str, s: int):
+        internvl, cfg = emb[s].module.internvl, emb[s].module.config
+        return lambda: [internvl.get_image_features(
+            pixel_values=b["pixel_values"].to(dtype), vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy) for b in batches[kind, s]]
+
+    def prep_fn(kind: str, s: int):
+        its = items[kind]
+        return lambda: [emb[s].input_builder(its[i:i + args.batch_size], "candidate")
+                        for i in range(0, len(its), args.batch_size)]
+
+    makers = {"encode": encode_fn, "model": model_fn, "vision": vision_fn, "prep": prep_fn}
+    fns = {(what, kind, s): make(kind, s) for what, make in makers.items() for kind in KINDS for s in FACTORS}
+    log(f"timing {len(fns)} configurations x ({args.warmup} warm-up + {args.reps}) repetitions, interleaved")
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        timings = run_interleaved(fns, args.reps, args.warmup, device, progress=log)
+    log(f"timed in {time.perf_counter() - t0:.1f} s")
+
+    n = args.n
+    med = {key: timings.median(key) for key in fns}
+    rows, results = [], {"tokens": {}, "tiles": {}, "ratios": {}, "items_per_s": {}}
+    for kind in KINDS:
+        for s in FACTORS:
+            enc, model, vis, prep = (med[w, kind, s] for w in ("encode", "model", "vision", "prep"))
+            llm = max(model - vis, 0.0)
+            split = prep + vis + llm
+            rows.append([
+                kind, f"{s} ({'VTC' if s > 1 else 'native'})", f"{tiles[kind, s]:g}", f"{tokens[kind, s]:g}",
+                f"{seq_len[kind, s]:.0f}", f"{n / enc:.2f}", f"{n / model:.2f}",
+                f"{1000 * prep / n:.1f}", f"{1000 * vis / n:.1f}", f"{1000 * llm / n:.1f}",
+                f"{prep / split:.0%} / {vis / split:.0%} / {llm / split:.0%}",
+                f"{timings.spread(('encode', kind, s)):.0%}",
+            ])
+            results["tokens"][kind, s] = tokens[kind, s]
+            results["tiles"][kind, s] = tiles[kind, s]
+            results["items_per_s"][kind, s] = n / enc
+    print_table(
+        f"Encode throughput, {name}: VTC (s=2) vs native (s=1), same weights: {'yes' if identical else 'NO'}; "
+        f"median of {args.reps} interleaved reps, {n} candidates/kind, batch {args.batch_size}",
+        ["kind", "s", "tiles/item", "visual tok/item", "seq len/item", "encode items/s", "model-only items/s",
+         "prep ms/item", "vision ms/item", "LLM ms/item", "time split prep/vision/LLM", "encode spread"],
+        rows,
+        caption="encode = Embedder.encode end to end; model-only = VTCBackbone.embed on pre-built batches; vision = "
+                "vision tower + compression + projector; LLM = model-only minus vision (difference of medians); "
+                "spread = (max-min)/median over reps.",
+    )
+    for kind in KINDS:
+        for what, label, goal in (("encode", "encode items/s", GOALS[kind]), ("model", "model-only items/s", None)):
+            results["ratios"][kind, what] = timings.ratio((what, kind, 1), (what, kind, 2))
+            print(ratio_line(f"{kind} {label}", timings, (what, kind, 1), (what, kind, 2), goal, device))
+    if args.preset == "mini":
+        print_shape_table([name, REFERENCE_PRESET])
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,369 @@
+"""Shared helpers for the VTC benchmarks: devices, interleaved timing, synthetic inputs, model shapes, tables.
+
+Timing discipline: the machines these run on are shared (other test suites may run at the same time), so the two
+models are never timed in separate phases. Each repetition runs every configuration once, the order reverses
+every repetition (A B, B A, A B, ...), and the median over repetitions is reported. Background load then slows
+both sides alike, and the ratio stays meaningful even when absolute numbers drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+from mmembed.backbone.presets import PRESETS, Preset, preset_config
+from mmembed.backbone.vtc import tokens_per_tile
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Alternative shapes for the ``mini`` preset, selected with ``--mini-shape``. ``preset`` builds ``mini`` exactly as
+# ``mmembed/backbone/presets.py`` defines it. ``2b-proportional`` keeps what decides the VTC speed-up at 2B scale:
+# the vision tower's cost per tile is about the LLM's cost on one native tile's 256 tokens (InternViT-300M on 1025
+# patches vs Qwen2.5-1.5B), the LLM has 128-wide heads with 6:1 grouped-query attention and a 5.83x MLP, and the
+# vision tower has 64-wide heads and a 4x MLP. Widths are half of InternVL3-2B's and depths are cut to two layers so
+# that a CPU can still time it. ``print_shape_table`` prints the resulting proportions next to InternVL3-2B's.
+MINI_SHAPES: dict[str, Preset | None] = {
+    "preset": None,
+    "2b-proportional": Preset(
+        vision=dict(hidden_size=448, num_hidden_layers=2, num_attention_heads=7, intermediate_size=1792,
+                    image_size=[448, 448], patch_size=[14, 14], attention_bias=True, layer_scale_init_value=0.1),
+        text=dict(model_type="qwen2", vocab_size=None, hidden_size=768, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=1, intermediate_size=4480, max_position_embeddings=8192, rope_theta=10000.0,
+                  tie_word_embeddings=True),
+    ),
+}
+REFERENCE_PRESET = "internvl3_2b"
+
+
+# ------------------------------------------------------------------------------------------------------ arguments
+def add_common_args(parser: argparse.ArgumentParser, reps: int, warmup: int = 1) -> None:
+    """Flags both benchmarks share (preset, shape, repetitions, threads, device, dtype, seed)."""
+    parser.add_argument("--preset", default="mini", help="backbone preset (random init, seeded)")
+    parser.add_argument("--mini-shape", default="preset", choices=sorted(MINI_SHAPES),
+                        help="shape used for --preset mini: 'preset' (presets.py) or an alternative, see common.py")
+    parser.add_argument("--reps", type=int, default=reps, help="timed repetitions per configuration (median)")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed repetitions before timing")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads; default 1 on CPU (see setup_device), torch's default on CUDA")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if available")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="auto: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--seed", type=int, default=0, help="init seed for weights and synthetic inputs")
+
+
+def check_common_args(args: argparse.Namespace) -> None:
+    """Validate settings that depend on each other, with errors that say what to change."""
+    if args.reps < 1:
+        raise SystemExit(f"--reps must be >= 1 (got {args.reps}); the median needs at least one timed repetition")
+    if args.warmup < 0:
+        raise SystemExit(f"--warmup must be >= 0 (got {args.warmup})")
+    if args.mini_shape != "preset" and args.preset != "mini":
+        raise SystemExit(f"--mini-shape {args.mini_shape} only applies to --preset mini (got --preset {args.preset})")
+
+
+# -------------------------------------------------------------------------------------------------------- devices
+def setup_device(device: str, dtype: str, threads: int | None) -> tuple[torch.device, torch.dtype]:
+    """Resolve ``auto`` device and dtype and set the thread count.
+
+    CPU runs default to one thread. On a machine shared with other jobs, a multi-threaded CPU kernel waits at every
+    barrier for whichever of its threads was descheduled, so wall time then measures scheduler stalls (about the
+    same number per call for either model) rather than work, and the VTC/native ratio collapses towards 1. One
+    thread measures the work. On a dedicated machine pass ``--threads`` with the core count.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch sees no CUDA device; use --device cpu or auto")
+    dev = torch.device(device)
+    if threads is None and dev.type == "cpu":
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    return dev, getattr(torch, dtype)
+
+
+def device_description(device: torch.device) -> str:
+    """Human-readable device name: GPU model, or CPU model with thread count."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"cuda: {props.name} ({props.total_memory / 2**30:.1f} GiB)"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {model}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings cover the work itself and not only its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------------------- timing
+@dataclass
+class Timings:
+    """Wall-clock and process CPU seconds per repetition for each configuration, measured interleaved."""
+
+    seconds: dict[str, list[float]]
+    cpu_seconds: dict[str, list[float]]
+
+    def median(self, key) -> float:
+        return statistics.median(self.seconds[key])
+
+    def spread(self, key) -> float:
+        """(max - min) / median of the wall times: how much the repetitions disagree (background load, caches)."""
+        xs = self.seconds[key]
+        return (max(xs) - min(xs)) / statistics.median(xs)
+
+    def ratio(self, slow, fast, cpu: bool = False) -> float:
+        """Median over repetitions of ``time(slow) / time(fast)``, each pair taken in the same repetition.
+
+        Pairing keeps the two runs that are compared close in time, so a load change between repetitions cancels
+        instead of landing on one side only.
+        """
+        data = self.cpu_seconds if cpu else self.seconds
+        return statistics.median(a / b for a, b in zip(data[slow], data[fast]))
+
+
+def run_interleaved(fns: Mapping[str, Callable[[], object]], reps: int, warmup: int, device: torch.device,
+                    progress: Callable[[str], None] | None = None) -> Timings:
+    """Time every function once per repetition, reversing the order each repetition; returns all timings.
+
+    Put the configurations that will be compared next to each other in ``fns``: they then run back to back.
+
+    Args:
+        fns: configuration name -> zero-argument callable doing one unit of work.
+        reps: timed repetitions.
+        warmup: untimed repetitions first (allocator, thread pools, lazily built kernels).
+        device: synchronised around each call.
+        progress: called with a short status line after each repetition.
+    """
+    names = list(fns)
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(warmup + reps):
+        # Reversing every repetition cancels first-vs-second position effects (cache state, load changes).
+        order = names if rep % 2 == 0 else names[::-1]
+        for name in order:
+            synchronize(device)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fns[name]()
+            synchronize(device)
+            if rep >= warmup:
+                seconds[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+        if progress is not None:
+            what = "warm-up" if rep < warmup else "rep"
+            idx = rep + 1 if rep < warmup else rep - warmup + 1
+            progress(f"{what} {idx}/{warmup if rep < warmup else reps} done")
+    return Timings(seconds, cpu)
+
+
+def ratio_line(label: str, timings: Timings, slow, fast, goal: float | None, device: torch.device) -> str:
+    """One greppable line: ``RATIO <label>: VTC/native = 1.93x (goal >= 1.2x: met) ...``.
+
+    The ratio is the paired per-repetition median of wall times (see ``Timings.ratio``). On CPU the same ratio of
+    process CPU time is appended: other processes on the machine stretch wall time but hardly the CPU time this
+    process itself spends, so it is a cross-check that is less sensitive to background load.
+    """
+    ratio = timings.ratio(slow, fast)
+    verdict = "" if goal is None else f" (goal >= {goal:g}x: {'met' if ratio >= goal else 'NOT met'})"
+    extra = "" if device.type == "cuda" else f" [CPU-time ratio {timings.ratio(slow, fast, cpu=True):.2f}x]"
+    return f"RATIO {label}: VTC/native = {ratio:.2f}x{verdict}{extra}"
+
+
+# --------------------------------------------------------------------------------------------------------- output
+def console() -> Console:
+    """A console that does not wrap tables at 80 columns when output is piped to a file or captured in a test."""
+    return Console(width=None if sys.stdout.isatty() else 200, soft_wrap=False, highlight=False)
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]], caption: str | None = None) -> None:
+    table = Table(title=title, caption=caption, caption_justify="left")
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console().print(table)
+
+
+def log(msg: str) -> None:
+    """Progress on stderr, so stdout holds only the results."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- shapes
+def resolve_preset(preset: str, mini_shape: str) -> str:
+    """Name to pass to ``build_backbone``: the preset itself, or an alternative ``mini`` shape registered for this run.
+
+    Registering in the in-process ``PRESETS`` dict (not in presets.py) keeps the alternative local to a benchmark
+    run while going through the same builder, tokenizer and processor code as every real preset.
+    """
+    shape = MINI_SHAPES[mini_shape]
+    if shape is None:
+        return preset
+    name = f"mini@{mini_shape}"
+    PRESETS.setdefault(name, shape)
+    return name
+
+
+def _config(preset: str):
+    # Vocabulary and image-token id do not change any count below; the offline tokenizer is not needed for them.
+    return preset_config(preset, vocab_size=PRESETS[preset].tokenizer_vocab, image_token_id=0)
+
+
+def _first(x) -> int:
+    return int(x[0] if isinstance(x, list | tuple) else x)
+
+
+def analytic_gflops(preset: str) -> dict[str, float]:
+    """Forward multiply-add FLOPs (x2) of one 448px-style tile, from the config alone.
+
+    Returns:
+        ``vision_tile``: vision tower (patch embedding, attention and MLP over all patches + CLS) for one tile;
+        ``llm_token``: LLM projections and MLP per token (attention scores excluded, they depend on length);
+        ``llm_attn_token_per_pos``: attention scores + weighted sum per token per position of context;
+        ``native_tokens``: visual tokens per tile without compression.
+    """
+    cfg = _config(preset)
+    v, t = cfg.vision_config, cfg.text_config
+    c, inter, layers = v.hidden_size, v.intermediate_size, v.num_hidden_layers
+    patch, side = _first(v.patch_size), _first(v.image_size)
+    n = (side // patch) ** 2 + 1
+    vision = 2 * (4 * c * c + 2 * c * inter) * n * layers + 4 * n * n * c * layers + 2 * 3 * patch * patch * c * (n - 1)
+    d, heads, kv = t.hidden_size, t.num_attention_heads, t.num_key_value_heads
+    hd = getattr(t, "head_dim", None) or d // heads
+    per_layer = d * heads * hd * 2 + 2 * d * kv * hd + 3 * d * t.intermediate_size
+    return {
+        "vision_tile": vision / 1e9,
+        "llm_token": 2 * per_layer * t.num_hidden_layers / 1e9,
+        "llm_attn_token_per_pos": 4 * heads * hd * t.num_hidden_layers / 1e9,
+        "native_tokens": tokens_per_tile(cfg, 1),
+    }
+
+
+def print_shape_table(presets: list[str]) -> None:
+    """Analytic proportions that decide how much VTC can save, for the benchmarked shape and InternVL3-2B."""
+    rows = []
+    for p in presets:
+        f = analytic_gflops(p)
+        llm_native_tile = f["llm_token"] * f["native_tokens"]
+        rows.append([p, f"{f['vision_tile']:.3g}", f"{llm_native_tile:.3g}",
+                     f"{f['vision_tile'] / (f['vision_tile'] + llm_native_tile):.0%}",
+                     f"{f['llm_attn_token_per_pos'] / f['llm_token'] * 1000:.3g}"])
+    print_table(
+        "Shape proportions (analytic forward GFLOPs per tile, from the configs)",
+        ["preset", "vision GFLOP/tile", "LLM GFLOP/native tile", "vision share of a native tile",
+         "LLM attn/linear per 1k ctx"],
+        rows,
+        caption="VTC shrinks only the LLM part (and its attention, quadratically); the vision tower runs on every "
+                "tile regardless. A larger vision share means a smaller VTC speed-up.",
+    )
+
+
+# ---------------------------------------------------------------------------------------------- synthetic inputs
+def tile_side(preset: str) -> int:
+    """Tile edge in pixels for a preset (448 for the InternVL shapes, smaller for ``tiny``)."""
+    return _first(_config(preset).vision_config.image_size)
+
+
+def natural_images(rng: random.Random, n: int, side: int) -> list:
+    """``n`` rendered scenes of ``side`` x ``side`` pixels (one tile each), with their scene descriptions.
+
+    Returns:
+        list of ``(image, scene)`` pairs; ``scene`` is a ``mmembed.data.synth.scenes.Scene``.
+    """
+    from mmembed.data.synth import scenes
+
+    out = []
+    for _ in range(n):
+        scene = scenes.random_scene(rng)
+        out.append((scenes.render(scene, side=side), scene))
+    return out
+
+
+def document_pages(rng: random.Random, n: int, side: int) -> list:
+    """``n`` report pages resized to ``side`` x ``side`` pixels, each with one question it answers.
+
+    Pages are drawn at the generator's own page size (its layout needs room) and then resized, as the paper resized
+    VisDoc pages to 896 x 896 for its latency comparison (Table 6).
+
+    Returns:
+        list of ``(image, question_text)`` pairs.
+    """
+    from mmembed.data.synth import documents
+
+    taken: set[str] = set()
+    out = []
+    for i in range(n):
+        company = documents.make_company(rng, taken)
+        page_type = documents.PAGE_TYPES[i % len(documents.PAGE_TYPES)]
+        qs = [q for q in documents.questions(company) if q.page_type == page_type]
+        page = documents.render_page(company, page_type).resize((side, side), Image.Resampling.BICUBIC)
+        out.append((page, rng.choice(qs).text))
+    return out
+
+
+def count_image_tokens(input_ids: torch.Tensor, image_token_id: int) -> list[int]:
+    """Visual (``<IMG_CONTEXT>``) tokens per row of a built batch: what the LLM actually receives."""
+    return (input_ids == image_token_id).sum(dim=1).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------- memory
+def proc_status_bytes(field: str) -> int:
+    """A ``/proc/self/status`` memory field in bytes (``VmRSS``: resident now, ``VmHWM``: peak resident).
+
+    Why not tracemalloc or ``resource``: torch allocates its tensors outside Python's allocator, so tracemalloc
+    misses them, and ``ru_maxrss`` has no way to be read relative to a baseline. The kernel's ``VmHWM`` covers
+    every allocation, and a fresh process per configuration makes its baseline clean.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            value, unit = line.split(":", 1)[1].split()
+            if unit != "kB":
+                raise RuntimeError(f"unexpected unit {unit!r} for {field} in /proc/self/status")
+            return int(value) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field} (not Linux?); run with --memory off")
+
+
+def total_memory_bytes(device: torch.device) -> int:
+    """Memory the device has: GPU memory on CUDA, physical RAM on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except ImportError:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot tell the machine's memory; pass --mem-budget-gib")
+
+
+def gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB"
+
+
+def mib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**20:.0f} MiB"

@@ -1,0 +1,229 @@
+"""Lightning callbacks that run the MMEB / VisDoc runners during training and log the scores.
+
+When: every ``every_n_train_steps`` optimizer steps (``on_train_batch_end``), every ``every_n_epochs`` epochs
+(``on_train_epoch_end``), before training (``eval_at_start``, ``on_train_start``) and after it (``eval_at_end``,
+``on_train_end``; skipped when the last step was just evaluated). The model is the LightningModule's own backbone,
+seen through ``pl_module.embedder() -> mmembed.Embedder`` (``mmembed.modules.base.BackboneModule`` provides it);
+``Embedder.encode`` runs in eval mode under ``no_grad`` and restores training mode afterwards.
+
+Where the numbers go, for a result with keys ``val/mmeb/<subset>``, ``val/mmeb/<meta_task>``, ``val/mmeb/ind|ood``,
+``val/mmeb/overall`` (VisDoc: ``val/visdoc/<set>``, ``val/visdoc/<collection>``, ``val/visdoc/overall``), x100:
+
+* every logger of the trainer, through ``logger.log_metrics(values, step=trainer.global_step)``. Not ``self.log``:
+  Lightning forbids it in ``on_train_start`` / ``on_train_end`` and would only forward step-level values on
+  ``log_every_n_steps`` boundaries;
+* ``trainer.callback_metrics``, which is where ``ModelCheckpoint(monitor="val/mmeb/overall")`` and ``EarlyStopping``
+  look. Lightning runs checkpoint callbacks after all others, so a checkpoint taken at the same step (or epoch end)
+  sees the fresh value. If the trainer also has a validation loop, ModelCheckpoint saves at validation end, which
+  comes *before* ``on_train_epoch_end``: pass ``save_on_train_epoch_end=True`` to it, or evaluate by steps;
+* files: per evaluation ``<out_dir>/step{N:07d}-{when}/<benchmark>/`` (run + qrels files, metrics.json, bar chart),
+  also uploaded as artifacts of the run when a logger is an ``MLFlowLogger``.
+
+Distributed training: only global rank 0 evaluates (the other ranks wait in the broadcast of its numbers, so they
+stay in step and every rank's ``callback_metrics`` holds the same values - ModelCheckpoint then decides identically
+on all ranks). Rank 0 calls the backbone directly, outside the DDP wrapper, so no collective runs inside the
+evaluation. Sharded strategies (FSDP, DeepSpeed ZeRO-3) need every rank in each forward and are not supported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from mmembed.eval.runner import BenchmarkResult, SupportsRerank
+
+
+class BenchmarkEvalCallback(L.Callback):
+    """Shared scheduling, logging and artifact handling; subclasses say which runner to call.
+
+    Args:
+        every_n_train_steps: Evaluate every N optimizer steps (``None`` / 0: never by steps).
+        every_n_epochs: Evaluate every N epochs (``None`` / 0: never by epochs).
+        eval_at_start: Evaluate once before the first training step (the "before" score).
+        eval_at_end: Evaluate once when training ends (the "after" score).
+        out_dir: Root for evaluation files (default ``<trainer.default_root_dir>/eval``).
+        batch_size: Encoding batch size.
+        max_queries: Only the first N queries of every set (quick checks during training).
+        run_depth: Candidates per query kept in the run files.
+        reranker: E+R mode (see :func:`mmembed.eval.runner.rerank_topk`); ``None`` = embedder only.
+        rerank_k: Reranker shortlist size.
+        prefix: Metric key prefix (default ``val/<benchmark>``).
+        log_artifacts: Upload the files to MLflow when a logger is an ``MLFlowLogger``.
+    """
+
+    benchmark = "benchmark"
+
+    def __init__(
+        self,
+        every_n_train_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        eval_at_start: bool = False,
+        eval_at_end: bool = True,
+        out_dir: str | Path | None = None,
+        batch_size: int = 16,
+        max_queries: int | None = None,
+        run_depth: int | None = 100,
+        reranker: SupportsRerank | None = None,
+        rerank_k: int = 5,
+        prefix: str | None = None,
+        log_artifacts: bool = True,
+    ) -> None:
+        for name, value in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0 or None, got {value}")
+        self.every_n_train_steps = every_n_train_steps or 0
+        self.every_n_epochs = every_n_epochs or 0
+        self.eval_at_start = eval_at_start
+        self.eval_at_end = eval_at_end
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.batch_size = batch_size
+        self.max_queries = max_queries
+        self.run_depth = run_depth
+        self.reranker = reranker
+        self.rerank_k = rerank_k
+        self.prefix = prefix or f"val/{self.benchmark}"
+        self.log_artifacts = log_artifacts
+        self.history: list[dict[str, Any]] = []  # {"when", "step", "epoch", "metrics"} per evaluation, all ranks
+        self.results: list[BenchmarkResult] = []  # full results, rank 0 only
+        self._last_step: int | None = None
+
+    # ------------------------------------------------------------------------------------------------ subclass
+    def evaluate(self, embedder: Any, out_dir: Path, extra: dict[str, Any]) -> BenchmarkResult:
+        """Run the benchmark on ``embedder``, writing files under ``out_dir``."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------------------- lightning
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not callable(getattr(pl_module, "embedder", None)):
+            raise TypeError(f"{type(self).__name__} needs {type(pl_module).__name__}.embedder() -> mmembed.Embedder; "
+                            "subclass mmembed.modules.base.BackboneModule or add the method")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.eval_at_start:
+            self.run(trainer, pl_module, "start")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        # With gradient accumulation several batches end at the same global step: evaluate once per step.
+        if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0 and step != self._last_step:
+            self.run(trainer, pl_module, "step")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if (self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+                and trainer.global_step != self._last_step):
+            self.run(trainer, pl_module, "epoch")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.eval_at_end and trainer.global_step != self._last_step:
+            self.run(trainer, pl_module, "end")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+
+    # ------------------------------------------------------------------------------------------------- core
+    def output_root(self, trainer: L.Trainer) -> Path:
+        return self.out_dir if self.out_dir is not None else Path(trainer.default_root_dir) / "eval"
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, when: str) -> dict[str, float]:
+        """Evaluate now (rank 0), share the numbers with every rank, log them; returns the logged values."""
+        step, epoch = trainer.global_step, trainer.current_epoch
+        self._last_step = step
+        values: dict[str, float] | None = None
+        if trainer.is_global_zero:
+            out = self.output_root(trainer) / f"step{step:07d}-{when}" / self.benchmark
+            extra = {"when": when, "global_step": step, "epoch": epoch}
+            # The trainer's precision context (e.g. bf16 autocast) makes eval cost what a training forward costs.
+            with trainer.strategy.precision_plugin.forward_context():
+                result = self.evaluate(pl_module.embedder(), out, extra)
+            values = result.flat(self.prefix)
+            self.results.append(result)
+            self._upload(trainer, result, f"eval/step{step:07d}-{when}/{self.benchmark}")
+            rank_zero_info(f"[{self.benchmark}] step {step} ({when}): overall {result.overall:.2f}")
+        values = trainer.strategy.broadcast(values, src=0)  # the other ranks wait here for rank 0
+        self.publish(trainer, values, step)
+        self.history.append({"when": when, "step": step, "epoch": epoch, "metrics": values})
+        return values
+
+    @staticmethod
+    def publish(trainer: L.Trainer, values: Mapping[str, float], step: int) -> None:
+        """Make ``values`` visible to monitoring callbacks and send them to every logger."""
+        device = trainer.strategy.root_device
+        for key, value in values.items():
+            trainer.callback_metrics[key] = torch.tensor(value, device=device)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(dict(values), step=step)
+
+    def _upload(self, trainer: L.Trainer, result: BenchmarkResult, artifact_path: str) -> None:
+        if not self.log_artifacts or result.out_dir is None:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger):
+                logger.experiment.log_artifacts(logger.run_id, str(result.out_dir), artifact_path)
+
+
+class MMEBEvalCallback(BenchmarkEvalCallback):
+    """Evaluate on MMEB-format subsets during training (Precision@1 over each query's own candidates).
+
+    Args:
+        data: ``{subset: parquet}``, a folder of parquet files (+ ``subsets.json``), or a synthetic-world root.
+        image_root: Folder the parquet image paths are relative to (default: ``<data>/images``).
+        subsets: Only these subsets.
+        version: MMEB parquet columns, ``"v2"`` or ``"v1"``.
+        ind_ood: ``{subset: "ind" | "ood"}`` overrides.
+        **kwargs: Scheduling and logging options of :class:`BenchmarkEvalCallback`.
+    """
+
+    benchmark = "mmeb"
+
+    def __init__(self, data: Mapping[str, str | Path] | str | Path, image_root: str | Path | None = None,
+                 subsets: list[str] | None = None, version: str = "v2", ind_ood: Mapping[str, str] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.data, self.image_root, self.subsets = data, image_root, subsets
+        self.version, self.ind_ood = version, ind_ood
+
+    def evaluate(self, embedder: Any, out_dir: Path, extra: dict[str, Any]) -> BenchmarkResult:
+        from mmembed.eval.mmeb import evaluate_mmeb
+
+        return evaluate_mmeb(embedder, self.data, self.image_root, out_dir, version=self.version,
+                             batch_size=self.batch_size, ind_ood=self.ind_ood, names=self.subsets,
+                             reranker=self.reranker, rerank_k=self.rerank_k, run_depth=self.run_depth,
+                             max_queries=self.max_queries, show_progress=False, extra=extra)
+
+
+class VisDocEvalCallback(BenchmarkEvalCallback):
+    """Evaluate on BEIR-layout VisDoc sets during training (NDCG@k over the whole corpus).
+
+    Args:
+        data: ``{set: folder}``, a folder of set folders (+ ``sets.json``), or a synthetic-world root.
+        sets: Only these sets.
+        k: NDCG / recall cut-off (paper: 5).
+        ind_ood: ``{set: "ind" | "ood"}`` overrides.
+        **kwargs: Scheduling and logging options of :class:`BenchmarkEvalCallback`.
+    """
+
+    benchmark = "visdoc"
+
+    def __init__(self, data: Mapping[str, str | Path] | str | Path, sets: list[str] | None = None, k: int = 5,
+                 ind_ood: Mapping[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.data, self.sets, self.k, self.ind_ood = data, sets, k, ind_ood
+
+    def evaluate(self, embedder: Any, out_dir: Path, extra: dict[str, Any]) -> BenchmarkResult:
+        from mmembed.eval.visdoc import evaluate_visdoc
+
+        return evaluate_visdoc(embedder, self.data, out_dir, self.k, batch_size=self.batch_size,
+                               ind_ood=self.ind_ood, names=self.sets, reranker=self.reranker,
+                               rerank_k=self.rerank_k, run_depth=self.run_depth, max_queries=self.max_queries,
+                               show_progress=False, extra=extra)

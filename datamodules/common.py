@@ -1,0 +1,267 @@
+"""Pieces the DataModules share: rank resolution, a shared epoch, seeded WebDataset stages, the per-rank loader.
+
+The streaming pipeline every shard-based DataModule builds per rank (open_clip's order)::
+
+    ShardSource (same seeded permutation on every rank, new one per epoch and per pass)
+      -> split_by_rank (this rank's shards) -> wds.split_by_worker (this worker's shards)
+      -> read_shard_samples -> decode_and_skip (skips counted, see mmembed.data.shards)
+      -> SeededShuffle (buffer) -> ... DataModule-specific grouping and collate ...
+
+wrapped in a :class:`RankLoader` (a ``wds.WebLoader``) that yields a fixed number of batches per epoch, so every
+rank runs the same number of steps (unequal counts hang DDP).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import random
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from typing import Any
+
+import torch
+import webdataset as wds
+from webdataset.utils import PipelineStage
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------- ranks and workers
+def resolve_world(trainer: Any = None, rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """``(rank, world_size)`` for splitting data: explicit values, else the Trainer's, else torch.distributed, else env.
+
+    Resolved once in the main process: DataLoader workers started with ``spawn`` do not inherit the process group,
+    so ``wds.split_by_node`` (which asks torch.distributed or ``RANK``/``WORLD_SIZE`` inside the worker) could see
+    rank 0 everywhere; fixing the values here makes the split the same under fork and spawn.
+    """
+    if (rank is None) != (world_size is None):
+        raise ValueError(f"give both rank and world_size or neither (got rank={rank}, world_size={world_size})")
+    if rank is None:
+        if trainer is not None:
+            rank, world_size = int(trainer.global_rank), int(trainer.world_size)
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        else:
+            rank, world_size = 0, 1
+    assert world_size is not None
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    return rank, world_size
+
+
+def worker_info() -> tuple[int, int]:
+    """``(worker id, number of workers)`` of the current DataLoader worker; ``(0, 1)`` in the main process."""
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def check_shard_count(n_shards: int, world_size: int, num_workers: int, what: str = "train") -> None:
+    """Fail with the fix when some worker of some rank would get no shard.
+
+    Raises:
+        ValueError: ``n_shards < world_size * max(1, num_workers)``.
+    """
+    workers = max(1, num_workers)
+    need = world_size * workers
+    if n_shards < need:
+        raise ValueError(
+            f"{what}: {n_shards} shard(s) for {world_size} rank(s) x {workers} DataLoader worker(s); need at least "
+            f"{need} shards so that every worker of every rank reads one. Re-write the shards smaller "
+            f"(write_shards(maxcount=...)) or lower num_workers."
+        )
+
+
+# ------------------------------------------------------------------------------------------------------ epoch clock
+class SharedEpoch:
+    """An epoch number shared between the main process and DataLoader workers (fork or spawn, persistent or not).
+
+    The main process sets it before each epoch's iteration starts; the pipeline stages read it when a pass begins.
+    A plain attribute would be frozen into persistent workers at their start; a ``multiprocessing.Value`` is not.
+    """
+
+    def __init__(self, epoch: int = 0) -> None:
+        self._value = mp.Value("i", epoch)
+
+    def set(self, epoch: int) -> None:
+        self._value.value = int(epoch)
+
+    def get(self) -> int:
+        return int(self._value.value)
+
+
+class EpochClock:
+    """``(epoch, pass)`` of the pipeline running in this process (each worker holds its own copy).
+
+    A worker's stream repeats its shards pass after pass; :class:`ShardSource` ticks the clock at the start of
+    each pass and the later stages read ``current`` to seed themselves, so every (epoch, pass) has its own
+    permutation and shuffle order while staying reproducible.
+    """
+
+    def __init__(self, shared: SharedEpoch) -> None:
+        self.shared = shared
+        self._epoch = -1
+        self._pass = -1
+
+    def tick(self) -> tuple[int, int]:
+        epoch = self.shared.get()
+        if epoch != self._epoch:
+            self._epoch, self._pass = epoch, -1
+        self._pass += 1
+        return self.current
+
+    @property
+    def current(self) -> tuple[int, int]:
+        return self._epoch, self._pass
+
+
+# ---------------------------------------------------------------------------------------------- pipeline stages
+class ShardSource(PipelineStage):
+    """Pipeline source: the shard URLs as ``{"url": ...}`` dicts, permuted by ``(seed, epoch, pass)`` when shuffling.
+
+    The permutation depends on nothing rank- or worker-specific, so every rank computes the same one and the
+    node/worker splitters that follow hand out disjoint shards (webdataset's explicit ``shardshuffle`` with a
+    seed, plus the epoch).
+    """
+
+    def __init__(self, urls: list[str], clock: EpochClock, seed: int = 0, shuffle: bool = True) -> None:
+        self.urls = list(urls)
+        self.clock = clock
+        self.seed = seed
+        self.shuffle = shuffle
+
+    def run(self) -> Iterator[dict[str, str]]:
+        epoch, pas = self.clock.tick()
+        urls = list(self.urls)
+        if self.shuffle:
+            random.Random(f"shards/{self.seed}/{epoch}/{pas}").shuffle(urls)
+        return iter([{"url": u} for u in urls])
+
+
+def _split_by_rank(src: Iterable[Any], rank: int, world_size: int) -> Iterator[Any]:
+    # wds.split_by_node with the rank fixed in the main process (see resolve_world for why).
+    for i, item in enumerate(src):
+        if i % world_size == rank:
+            yield item
+
+
+#: Pipeline stage: ``split_by_rank(rank, world_size)``; the node splitter of these pipelines.
+split_by_rank = wds.pipelinefilter(_split_by_rank)
+
+
+class SeededShuffle(PipelineStage):
+    """A shuffle buffer seeded by ``(seed, epoch, pass, rank, worker)``.
+
+    ``wds.detshuffle`` seeds every worker of every rank identically and keeps its own epoch counter, which restarts
+    with non-persistent workers; this one takes the epoch from the shared :class:`EpochClock`.
+    """
+
+    def __init__(self, bufsize: int, clock: EpochClock, seed: int = 0, rank: int = 0, initial: int | None = None):
+        self.bufsize = bufsize
+        self.initial = bufsize // 2 if initial is None else initial
+        self.clock = clock
+        self.seed = seed
+        self.rank = rank
+
+    def run(self, src: Iterable[Any]) -> Iterator[Any]:
+        epoch, pas = self.clock.current
+        worker, _ = worker_info()
+        rng = random.Random(f"samples/{self.seed}/{epoch}/{pas}/{self.rank}/{worker}")
+        return wds.shuffle(self.bufsize, self.initial, rng=rng)(src)
+
+
+# -------------------------------------------------------------------------------------------------------- loader
+class RankLoader(wds.WebLoader):
+    """The per-rank loader: a ``wds.WebLoader`` (DataLoader with ``batch_size=None``: batches are made in the
+    pipeline) that yields exactly ``num_batches`` batches per epoch via ``.with_epoch``.
+
+    Before each epoch's iteration it writes the epoch (``epoch_fn()``, e.g. the Trainer's ``current_epoch``, else
+    the number of earlier iterations) into the :class:`SharedEpoch` the workers' stages read. If the stream ends
+    early (every worker ran dry) it raises instead of returning fewer batches, which under DDP would hang the
+    other ranks.
+
+    Args:
+        dataset: The per-worker pipeline (infinite when ``num_batches`` is set).
+        num_batches: Batches per epoch on this rank; ``None`` = one natural pass (no ``len``).
+        shared_epoch: Written at the start of each epoch.
+        epoch_fn: Returns the current epoch or ``None``.
+        num_workers: DataLoader worker processes.
+        name: Used in error messages.
+        **loader_kwargs: Other ``torch.utils.data.DataLoader`` arguments.
+    """
+
+    def __init__(self, dataset: Any, *, num_batches: int | None, shared_epoch: SharedEpoch,
+                 epoch_fn: Callable[[], int | None] | None = None, num_workers: int = 0, name: str = "train",
+                 **loader_kwargs: Any) -> None:
+        loader_kwargs.setdefault("persistent_workers", False)
+        if num_workers > 0:
+            loader_kwargs.setdefault("prefetch_factor", 2)
+        super().__init__(dataset, batch_size=None, shuffle=False, num_workers=num_workers, **loader_kwargs)
+        self.num_batches = num_batches
+        self.shared_epoch = shared_epoch
+        self.epoch_fn = epoch_fn
+        self.name = name
+        self._iterations = 0
+        if num_batches is not None:
+            self.with_epoch(nbatches=num_batches)
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError(f"{self.name} loader makes one natural pass and has no length")
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = self.epoch_fn() if self.epoch_fn is not None else None
+        self.shared_epoch.set(self._iterations if epoch is None else epoch)
+        self._iterations += 1
+        n = 0
+        for batch in super().__iter__():
+            n += 1
+            yield batch
+        if self.num_batches is not None and n < self.num_batches:
+            raise RuntimeError(
+                f"{self.name}: the data stream of this rank ended after {n} of {self.num_batches} batches; every "
+                f"worker ran out of full batches (each needs at least batch_size samples of one dataset per pass "
+                f"over its shards). Use more or larger shards, fewer workers or a smaller batch_size."
+            )
+
+
+# ---------------------------------------------------------------------------------------------------- bookkeeping
+def add_counts(into: MutableMapping[str, int], new: Mapping[str, int] | None) -> MutableMapping[str, int]:
+    """Add ``new``'s counts into ``into`` (in place) and return it."""
+    for key, n in (new or {}).items():
+        if n:
+            into[key] = into.get(key, 0) + int(n)
+    return into
+
+
+def peek_dataset(url: str, max_members: int = 64) -> str | None:
+    """The ``dataset`` field of the first readable sample JSON in a shard (reads only the shard's head).
+
+    Returns ``None`` for a shard that cannot be opened or holds no readable JSON near its start; the training
+    pipeline will count such shards as skips.
+    """
+    try:
+        stream = wds.gopen(url)
+    except Exception:  # noqa: BLE001 -- unreadable shards are the reading pipeline's to count, not setup's
+        return None
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for i, member in enumerate(tar):
+                if i >= max_members:
+                    break
+                if member.isfile() and member.name.endswith(".json"):
+                    f = tar.extractfile(member)
+                    try:
+                        return str(json.loads(f.read())["dataset"]) if f is not None else None
+                    except (ValueError, KeyError, TypeError):
+                        continue
+    except (tarfile.TarError, OSError, EOFError):
+        return None
+    finally:
+        stream.close()
+    return None

@@ -1,0 +1,560 @@
+"""Global hard-negative mining over training shards (§3.3 Stage 2 "Global-HNM"; Table 8 rule-based baseline).
+
+For every sub-dataset (the samples' ``dataset`` field) separately:
+
+1. the candidate corpus is the dataset's unique positives -- deduplicated by ``Side.id`` when the positive has one,
+   else by content (text + decoded pixels);
+2. all candidates (role ``"candidate"``) and all queries (role ``"query"``) are embedded;
+3. every query's candidates are ranked exactly (:func:`~mmembed.mining.search.topk_search`);
+4. the ground-truth positive and its exact duplicates (same id, or same text + pixels under another id) are removed;
+5. ``strategy="window"`` samples ``n`` negatives uniformly from filtered ranks ``[start, end)`` -- the paper's 2 from
+   positions 50-100 -- and ``strategy="rule"`` keeps the top ``k`` (Table 8's rule-based baseline).
+
+Outputs under ``out_dir``:
+
+* ``shards/{dataset}-{i:06d}.tar`` -- every input sample, in input order, with its negatives **replaced** by the
+  mined ones (negative images stored as ``neg{j}.png``; the mining ranks are added to ``meta["mined_negatives"]``).
+  Replacing rather than appending keeps the negative count per sample fixed at what the next stage was configured
+  for; the previous negatives are dropped.
+* ``manifest.jsonl`` -- one line per query: ids, chosen negatives, their 0-based ranks in the filtered list and
+  1-based raw ranks, scores, strategy and window, ``list_length`` (candidates left in the searched list after
+  filtering -- the ``L`` a clamped window was scaled to) and ``clamped``. Identical inputs and seed give an identical
+  file.
+* ``summary.json`` -- per dataset: queries, corpus size, rank statistics, window clamps, and how many planted false
+  negatives (``meta["false_negative_ids"]`` of the synthetic world) were picked -- the number that separates
+  rule-based from judge-based mining. Also timings and queries/s.
+
+Several devices: every rank reads the shards (cheap next to embedding), embeds the work blocks ``b`` with
+``b % world_size == rank`` and writes them to ``out_dir/tmp``; rank 0 then waits for the other ranks' parts, merges
+them, searches, samples and writes everything. Blocks have a fixed size (``batch_size * 8`` items) and are encoded
+the same way whatever ``world_size`` is, so a split run gives the same embeddings -- and manifest -- as a single
+one. The ranks can also run one after the other in one process (rank 0 last), which is how the tests check it.
+
+Memory: all decoded samples are held while mining. For very large collections pass one dataset's shards per call
+(with its own ``out_dir``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+import warnings
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.progress import track
+
+from mmembed.data.schema import Sample, Side
+from mmembed.data.shards import DecodedSample, SkipCounter, expand_urls, iter_decoded, side_to_item, write_shards
+from mmembed.mining.sampling import filter_ranked, rule_based_negatives, sample_window_negatives
+from mmembed.mining.search import topk_search
+from mmembed.types import Item
+
+log = logging.getLogger(__name__)
+
+Strategy = Literal["window", "rule"]
+
+#: Encode calls are made on blocks of ``batch_size * BLOCK_BATCHES`` items: big enough for the embedder's
+#: length-sorted batching to save padding, and the unit that ranks share out.
+BLOCK_BATCHES = 8
+_ROLES = ("candidate", "query")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+# ------------------------------------------------------------------------------------------------------- results
+@dataclass
+class DatasetMiningStats:
+    """What mining did on one sub-dataset (one entry of ``summary.json``'s ``datasets``).
+
+    Attributes:
+        queries: Queries mined (= samples of the dataset).
+        corpus_size: Unique positives the queries were ranked against.
+        merged_positives: Samples whose positive was merged into an earlier corpus entry (same id or content).
+        search_k: Ranked-list depth searched per query.
+        negatives_per_query: ``n`` (window) or ``k`` (rule).
+        rank_mean: Mean 0-based rank of the chosen negatives in the filtered list (``rank_min``/``rank_max`` too).
+        raw_rank_mean: The same in 1-based raw rank (before removing the positive and its duplicates).
+        clamped_queries: Queries whose filtered list was shorter than the window end (window scaled down).
+        shortest_list: Shortest filtered list among the clamped queries (None when none was clamped).
+        clamp_warning: The sampler's warning text for this dataset, or None.
+        false_negatives_planted: Known false negatives (``meta["false_negative_ids"]``) present in the corpus,
+            summed over queries; None when the samples carry no such list.
+        queries_with_false_negatives: Queries with at least one known false negative in the corpus.
+        false_negatives_picked: Chosen negatives that are a known false negative of their query.
+        queries_with_false_negative_picked: Queries with at least one such pick.
+        shards: Output shard paths.
+    """
+
+    queries: int
+    corpus_size: int
+    merged_positives: int
+    search_k: int
+    negatives_per_query: int
+    rank_mean: float
+    rank_min: int
+    rank_max: int
+    raw_rank_mean: float
+    raw_rank_min: int
+    raw_rank_max: int
+    clamped_queries: int = 0
+    shortest_list: int | None = None
+    clamp_warning: str | None = None
+    false_negatives_planted: int | None = None
+    queries_with_false_negatives: int | None = None
+    false_negatives_picked: int | None = None
+    queries_with_false_negative_picked: int | None = None
+    shards: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MiningSummary:
+    """The result of :func:`mine_hard_negatives` (also written as ``summary.json``).
+
+    Attributes:
+        out_dir: Output folder.
+        strategy: ``"window"`` or ``"rule"``.
+        window: The rank window (window strategy), else None.
+        n: Negatives per query (window) -- for ``rule`` the number kept is ``k``.
+        k: Top-K of the rule strategy, else None.
+        seed: Sampling seed.
+        world_size: Ranks that shared the embedding work.
+        queries: Queries mined over all datasets.
+        datasets: Per-dataset statistics, by dataset name.
+        skipped: Samples skipped while reading the input shards, by reason.
+        timing: Seconds spent reading, embedding (this rank), searching + sampling, writing, and in total.
+        queries_per_s: ``queries / timing["total_s"]`` -- end to end in the process that merged.
+        manifest: Path of ``manifest.jsonl``.
+        shards: All output shard paths.
+    """
+
+    out_dir: str
+    strategy: str
+    window: tuple[int, int] | None
+    n: int
+    k: int | None
+    seed: int
+    world_size: int
+    queries: int
+    datasets: dict[str, DatasetMiningStats]
+    skipped: dict[str, int]
+    timing: dict[str, float]
+    queries_per_s: float
+    manifest: str
+    shards: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -------------------------------------------------------------------------------------------------- collected data
+@dataclass
+class _Candidate:
+    cid: str  # corpus id: the positive's Side.id, else a content-derived id
+    key: str  # content hash: equal keys = exact duplicates
+    side: Side
+    image: Image.Image | None
+
+
+@dataclass
+class _Dataset:
+    name: str
+    samples: list[DecodedSample] = field(default_factory=list)
+    corpus: list[_Candidate] = field(default_factory=list)
+    positive_index: list[int] = field(default_factory=list)  # corpus index of each sample's positive
+    merged: int = 0
+
+    def items(self, role: str) -> list[Item]:
+        if role == "candidate":
+            return [side_to_item(c.side, {c.side.image: c.image} if c.image is not None else {}) for c in self.corpus]
+        return [side_to_item(d.sample.query, d.images) for d in self.samples]
+
+
+def content_key(side: Side, image: Image.Image | None) -> str:
+    """A hash of a side's content -- its text and decoded pixels -- that identifies exact duplicates.
+
+    The instruction and the image encoding are left out: the same caption or picture stored twice (as PNG and JPEG,
+    or under two templates) is the same candidate.
+    """
+    h = hashlib.sha1()
+    # Length-prefixed parts, so a text can never run into the image header that follows it.
+    text = side.text.encode("utf-8") if side.text is not None else None
+    h.update(b"T%d:" % len(text) + text if text is not None else b"T-:")
+    if image is not None:
+        h.update(f"I{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
+        h.update(image.tobytes())
+    return h.hexdigest()
+
+
+def _collect(urls: list[str], counter: SkipCounter) -> dict[str, _Dataset]:
+    """Read all samples, group them by dataset and build each dataset's deduplicated positive corpus."""
+    datasets: dict[str, _Dataset] = {}
+    for dec in iter_decoded(urls, counter=counter):
+        ds = datasets.setdefault(dec.sample.dataset, _Dataset(dec.sample.dataset))
+        ds.samples.append(dec)
+    for ds in datasets.values():
+        by_dedupe: dict[str, int] = {}
+        for dec in ds.samples:
+            pos = dec.sample.positive
+            image = dec.images.get(pos.image) if pos.image is not None else None
+            key = content_key(pos, image)
+            # The id is the identity when there is one (the synthetic world and converters set it); content otherwise.
+            dedupe = f"id:{pos.id}" if pos.id else f"content:{key}"
+            j = by_dedupe.get(dedupe)
+            if j is None:
+                j = by_dedupe[dedupe] = len(ds.corpus)
+                cid = pos.id or f"{ds.name}/sha1:{key[:16]}"
+                ds.corpus.append(_Candidate(cid=cid, key=key, side=pos, image=image))
+            else:
+                ds.merged += 1
+            ds.positive_index.append(j)
+    return dict(sorted(datasets.items()))
+
+
+# ------------------------------------------------------------------------------------------------------- embedding
+def _blocks(datasets: dict[str, _Dataset], block_size: int) -> list[tuple[str, str, int, int]]:
+    """The work blocks ``(dataset, role, start, stop)`` in a fixed order; block ``b`` belongs to rank ``b % world``."""
+    out = []
+    for name, ds in datasets.items():
+        for role in _ROLES:
+            total = len(ds.corpus) if role == "candidate" else len(ds.samples)
+            out.extend((name, role, s, min(s + block_size, total)) for s in range(0, total, block_size))
+    return out
+
+
+def _fingerprint(embedder: Any, datasets: dict[str, _Dataset], block_size: int, world_size: int) -> str:
+    """Identifies the work split, so a merge never mixes parts from another input, split or model.
+
+    The model enters through a few values of every parameter: cheap even for a 1B model, and enough to tell a
+    stale part left by a crashed run with other weights from this run's.
+    """
+    h = hashlib.sha1(f"{block_size}/{world_size}".encode())
+    module = getattr(embedder, "module", None)
+    if isinstance(module, torch.nn.Module):
+        with torch.no_grad():
+            for pname, p in module.named_parameters():
+                flat = p.detach().flatten()
+                probe = torch.cat([flat[:8], flat[-8:]]).float().cpu().numpy()
+                h.update(f"{pname}{tuple(p.shape)}".encode() + probe.tobytes())
+    for name, ds in datasets.items():
+        h.update(name.encode())
+        h.update("\n".join(c.cid + c.key for c in ds.corpus).encode())
+        h.update("\n".join(d.sample.id for d in ds.samples).encode())
+    return h.hexdigest()
+
+
+def _embed_blocks(embedder: Any, datasets: dict[str, _Dataset], blocks: list[tuple[str, str, int, int]],
+                  mine: list[int], batch_size: int, show_progress: bool) -> dict[int, torch.Tensor]:
+    items = {(name, role): ds.items(role) for name, ds in datasets.items() for role in _ROLES}
+    it = track(mine, description="embedding for mining") if show_progress else mine
+    out = {}
+    for b in it:
+        name, role, start, stop = blocks[b]
+        out[b] = embedder.encode(items[name, role][start:stop], role=role, batch_size=batch_size,
+                                 show_progress=False)
+    return out
+
+
+def _part_path(out_dir: Path, rank: int, world_size: int) -> Path:
+    return out_dir / "tmp" / f"part-{rank:03d}-of-{world_size:03d}.pt"
+
+
+def _gather_parts(out_dir: Path, world_size: int, fingerprint: str, own: dict[int, torch.Tensor],
+                  timeout_s: float, poll_s: float = 2.0) -> dict[int, torch.Tensor]:
+    """Rank 0: wait for the other ranks' part files, check they belong to this run and merge them."""
+    merged = dict(own)
+    deadline = time.monotonic() + timeout_s
+    for r in range(1, world_size):
+        path = _part_path(out_dir, r, world_size)
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {r}'s embeddings {path} did not appear within {timeout_s:.0f}s; "
+                                   "run that rank (same shards, batch_size and world_size) or raise part_timeout_s")
+            time.sleep(poll_s)
+        part = torch.load(path, map_location="cpu", weights_only=True)
+        if part["fingerprint"] != fingerprint:
+            raise ValueError(f"{path} was written for other shards, model, batch_size or world_size; delete "
+                             f"{path.parent} and rerun every rank")
+        merged.update(part["blocks"])
+    return merged
+
+
+def _assemble(datasets: dict[str, _Dataset], blocks: list[tuple[str, str, int, int]],
+              embedded: dict[int, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
+    missing = [b for b in range(len(blocks)) if b not in embedded]
+    if missing:
+        raise RuntimeError(f"{len(missing)} embedding blocks are missing after the merge (first: {blocks[missing[0]]})")
+    pieces: dict[tuple[str, str], list[torch.Tensor]] = {}
+    for b, (name, role, _, _) in enumerate(blocks):
+        pieces.setdefault((name, role), []).append(embedded[b])
+    return {key: torch.cat(v) for key, v in pieces.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- ranking
+def _dataset_seed(seed: int, name: str) -> int:
+    # Each dataset gets its own streams: with a shared seed, query i of every dataset would draw the same positions.
+    return seed * 2**32 + zlib.crc32(name.encode())
+
+
+def _mine_dataset(ds: _Dataset, q: torch.Tensor, c: torch.Tensor, *, strategy: Strategy, window: tuple[int, int],
+                  n: int, k: int, seed: int, backend: str, device: torch.device | None
+                  ) -> tuple[list[dict[str, Any]], DatasetMiningStats]:
+    """Search, filter and choose negatives for one dataset; returns manifest rows and its statistics."""
+    keys = np.asarray([cand.key for cand in ds.corpus])
+    positives = np.asarray(ds.positive_index, dtype=np.int64)
+    # Deep enough that removing the positive and all its exact duplicates still leaves the window (or top-k) whole.
+    dup_count = np.unique(keys, return_inverse=True, return_counts=True)[2]
+    max_dups = int(dup_count.max()) if len(dup_count) else 1
+    needed = window[1] if strategy == "window" else k
+    search_k = min(len(ds.corpus), needed + max_dups)
+    scores, ranked = topk_search(q, c, search_k, backend=backend, device=device)  # type: ignore[arg-type]
+    scores, ranked = scores.cpu().numpy(), ranked.cpu().numpy()
+    lists = filter_ranked(ranked, positives, corpus_keys=keys)
+
+    clamp_warning = None
+    try:
+        if strategy == "window":
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                chosen, ranks = sample_window_negatives(ranked, positives, corpus_keys=keys, window=window, n=n,
+                                                        seed=_dataset_seed(seed, ds.name))
+            clamp_warning = " ".join(str(w.message) for w in caught) or None
+        else:
+            chosen = rule_based_negatives(ranked, positives, k, corpus_keys=keys)
+            ranks = np.tile(np.arange(k, dtype=np.int64), (len(ds.samples), 1))
+    except ValueError as err:
+        raise ValueError(f"dataset {ds.name!r} (corpus of {len(ds.corpus)} unique positives): {err}") from err
+
+    rows, picked_fn, queries_fn_picked, planted, queries_planted, has_fn_meta = [], 0, 0, 0, 0, False
+    raw_all = np.empty_like(ranks)
+    corpus_ids = {cand.cid for cand in ds.corpus}
+    for i, dec in enumerate(ds.samples):
+        row_pos = {int(ix): p for p, ix in enumerate(ranked[i])}
+        raw = np.asarray([row_pos[int(ix)] + 1 for ix in chosen[i]], dtype=np.int64)
+        raw_all[i] = raw
+        neg_ids = [ds.corpus[int(ix)].cid for ix in chosen[i]]
+        fn_ids = dec.sample.meta.get("false_negative_ids") if isinstance(dec.sample.meta, dict) else None
+        fn_hit: list[str] = []
+        if fn_ids is not None:
+            has_fn_meta = True
+            fn_set = set(fn_ids)
+            fn_hit = [x for x in neg_ids if x in fn_set]
+            in_corpus = len(fn_set & corpus_ids)
+            planted += in_corpus
+            queries_planted += in_corpus > 0
+            picked_fn += len(fn_hit)
+            queries_fn_picked += bool(fn_hit)
+        rows.append({
+            "id": dec.sample.id,
+            "dataset": ds.name,
+            "positive_id": ds.corpus[ds.positive_index[i]].cid,
+            "negative_ids": neg_ids,
+            "ranks": [int(r) for r in ranks[i]],
+            "raw_ranks": [int(r) for r in raw],
+            "scores": [round(float(scores[i][p - 1]), 6) for p in raw],
+            "strategy": strategy,
+            "window": list(window) if strategy == "window" else None,
+            "list_length": int(len(lists[i])),
+            "clamped": bool(strategy == "window" and len(lists[i]) < window[1]),
+            "false_negatives_picked": fn_hit,
+        })
+    clamped = [len(x) for x in lists if len(x) < window[1]] if strategy == "window" else []
+    stats = DatasetMiningStats(
+        queries=len(ds.samples),
+        corpus_size=len(ds.corpus),
+        merged_positives=ds.merged,
+        search_k=search_k,
+        negatives_per_query=int(ranks.shape[1]),
+        rank_mean=round(float(ranks.mean()), 4),
+        rank_min=int(ranks.min()),
+        rank_max=int(ranks.max()),
+        raw_rank_mean=round(float(raw_all.mean()), 4),
+        raw_rank_min=int(raw_all.min()),
+        raw_rank_max=int(raw_all.max()),
+        clamped_queries=len(clamped),
+        shortest_list=min(clamped) if clamped else None,
+        clamp_warning=clamp_warning,
+        false_negatives_planted=planted if has_fn_meta else None,
+        queries_with_false_negatives=queries_planted if has_fn_meta else None,
+        false_negatives_picked=picked_fn if has_fn_meta else None,
+        queries_with_false_negative_picked=queries_fn_picked if has_fn_meta else None,
+    )
+    return rows, stats
+
+
+def _mined_samples(ds: _Dataset, rows: list[dict[str, Any]]):
+    """The dataset's samples with their negatives replaced by the mined ones, ready for ``write_shards``."""
+    index = {cand.cid: cand for cand in ds.corpus}
+    for dec, row in zip(ds.samples, rows):
+        s = dec.sample
+        images: dict[str, Any] = {side.image: dec.images[side.image] for side in (s.query, s.positive)
+                                  if side.image is not None}
+        negatives = []
+        for j, cid in enumerate(row["negative_ids"]):
+            cand = index[cid]
+            member = f"neg{j}.png" if cand.image is not None else None
+            negatives.append(Side(text=cand.side.text, image=member, instruction=cand.side.instruction,
+                                  kind=cand.side.kind, id=cand.cid))
+            if member is not None:
+                images[member] = cand.image
+        meta = {**s.meta, "mined_negatives": {k: row[k] for k in ("strategy", "window", "ranks", "raw_ranks")}}
+        yield Sample(id=s.id, dataset=s.dataset, task=s.task, meta_task=s.meta_task, query=s.query,
+                     positive=s.positive, negatives=negatives, meta=meta), images
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# -------------------------------------------------------------------------------------------------------- entry
+def mine_hard_negatives(
+    embedder: Any,
+    shards: str | os.PathLike | Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    strategy: Strategy = "window",
+    window: tuple[int, int] = (50, 100),
+    n: int = 2,
+    k: int | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    maxcount: int = 1000,
+    world_size: int = 1,
+    rank: int = 0,
+    backend: Literal["exact", "faiss"] = "exact",
+    part_timeout_s: float = 3600.0,
+    show_progress: bool | None = None,
+) -> MiningSummary | None:
+    """Mine hard negatives for every query of every sub-dataset and write new shards, a manifest and a summary.
+
+    Args:
+        embedder: An :class:`~mmembed.embedder.Embedder` (anything with ``encode(items, role, batch_size,
+            show_progress)`` returning L2-normalised rows).
+        shards: Input shards: a directory, glob, brace pattern or list (see :func:`~mmembed.data.shards.expand_urls`).
+        out_dir: Output folder (``shards/``, ``manifest.jsonl``, ``summary.json``; ``tmp/`` while ranks merge).
+            Earlier output shards of the same datasets are replaced.
+        strategy: ``"window"`` (paper Stage 2: ``n`` uniform picks from filtered ranks ``[start, end)``) or
+            ``"rule"`` (Table 8 baseline: the top ``k`` once the positive and its duplicates are removed).
+        window: 0-based half-open rank window of the window strategy; ``(50, 100)`` is the paper's positions 50-100.
+            A dataset with fewer candidates gets a proportionally scaled window (reported, not an error).
+        n: Negatives per query for the window strategy.
+        k: Negatives per query for the rule strategy (default ``n``); must be left None for ``"window"``.
+        seed: Sampling seed; each dataset and query draws from its own stream, so results do not depend on the
+            order of datasets or on ``world_size``.
+        batch_size: Encoder batch size.
+        maxcount: Samples per output shard.
+        world_size: Ranks sharing the embedding work.
+        rank: This process's rank; ranks other than 0 only embed their blocks and return None.
+        backend: Search backend, ``"exact"`` (torch) or ``"faiss"`` (exact flat index).
+        part_timeout_s: How long rank 0 waits for the other ranks' embeddings.
+        show_progress: Progress bar over the embedding blocks; default when there are more than 8.
+
+    Returns:
+        The :class:`MiningSummary` on rank 0, None on other ranks.
+
+    Raises:
+        ValueError: For inconsistent settings, or a dataset too small to give every query its negatives.
+    """
+    if strategy not in ("window", "rule"):
+        raise ValueError(f"strategy must be 'window' or 'rule', got {strategy!r}")
+    window = (int(window[0]), int(window[1]))
+    if strategy == "window":
+        if k is not None:
+            raise ValueError("k is the rule strategy's top-K; for strategy='window' set n (and window) instead")
+        if not 0 <= window[0] < window[1]:
+            raise ValueError(f"window must satisfy 0 <= start < end, got {window}")
+        if not 1 <= n <= window[1] - window[0]:
+            raise ValueError(f"n must be in [1, window end - start = {window[1] - window[0]}], got {n}")
+    k = (n if k is None else k) if strategy == "rule" else None
+    if k is not None and k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if batch_size < 1 or maxcount < 1:
+        raise ValueError("batch_size and maxcount must be >= 1")
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    counter = SkipCounter("mining")
+    urls = expand_urls(shards) if isinstance(shards, str | os.PathLike) else expand_urls([str(s) for s in shards])
+    datasets = _collect(urls, counter)
+    t_read = time.perf_counter()
+
+    block_size = batch_size * BLOCK_BATCHES
+    blocks = _blocks(datasets, block_size)
+    mine = [b for b in range(len(blocks)) if b % world_size == rank]
+    show = len(mine) > 8 if show_progress is None else show_progress
+    embedded = _embed_blocks(embedder, datasets, blocks, mine, batch_size, show)
+    if world_size > 1:
+        fingerprint = _fingerprint(embedder, datasets, block_size, world_size)
+        if rank != 0:
+            path = _part_path(out, rank, world_size)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save({"fingerprint": fingerprint, "blocks": embedded}, tmp)
+            os.replace(tmp, path)  # atomic: rank 0 never reads a half-written part
+            log.info("rank %d/%d: embedded %d blocks -> %s", rank, world_size, len(mine), path)
+            return None
+        embedded = _gather_parts(out, world_size, fingerprint, embedded, part_timeout_s)
+    emb = _assemble(datasets, blocks, embedded)
+    t_embed = time.perf_counter()  # on rank 0 this includes waiting for the other ranks
+
+    device = getattr(embedder, "device", None)
+    rows_by_ds, stats = {}, {}
+    for name, ds in datasets.items():
+        rows_by_ds[name], stats[name] = _mine_dataset(
+            ds, emb[name, "query"], emb[name, "candidate"], strategy=strategy, window=window, n=n, k=k or 0,
+            seed=seed, backend=backend, device=device)
+        s = stats[name]
+        clamp = (f"; window clamped for {s.clamped_queries} queries (shortest list {s.shortest_list})"
+                 if s.clamped_queries else "")
+        fn = (f"; picked {s.false_negatives_picked} of {s.false_negatives_planted} planted false negatives"
+              if s.false_negatives_picked is not None else "")
+        log.info("mined %s: %d queries, corpus %d, ranks %d-%d (mean %.1f)%s%s", name, s.queries, s.corpus_size,
+                 s.rank_min, s.rank_max, s.rank_mean, clamp, fn)
+    t_search = time.perf_counter()
+
+    shard_dir = out / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    all_shards: list[str] = []
+    for name, ds in datasets.items():
+        safe = _UNSAFE.sub("_", name)
+        for stale in shard_dir.glob(f"{safe}-[0-9]*.tar"):
+            stale.unlink()  # a previous, larger run would otherwise leave extra shards of this dataset
+        paths = write_shards(_mined_samples(ds, rows_by_ds[name]), str(shard_dir / f"{safe}-%06d.tar"),
+                             maxcount=maxcount)
+        stats[name].shards = paths
+        all_shards.extend(paths)
+    manifest = out / "manifest.jsonl"
+    _write_atomic(manifest, "".join(json.dumps(row, sort_keys=True) + "\n"
+                                    for rows in rows_by_ds.values() for row in rows))
+    t_end = time.perf_counter()
+
+    queries = sum(len(ds.samples) for ds in datasets.values())
+    timing = {"read_s": t_read - t0, "embed_s": t_embed - t_read, "search_s": t_search - t_embed,
+              "write_s": t_end - t_search, "total_s": t_end - t0}
+    summary = MiningSummary(
+        out_dir=str(out), strategy=strategy, window=window if strategy == "window" else None, n=n, k=k, seed=seed,
+        world_size=world_size, queries=queries, datasets=stats, skipped=counter.as_dict(),
+        timing={key: round(v, 3) for key, v in timing.items()},
+        queries_per_s=round(queries / max(timing["total_s"], 1e-9), 2), manifest=str(manifest), shards=all_shards)
+    _write_atomic(out / "summary.json", json.dumps(summary.to_json(), indent=2, sort_keys=True) + "\n")
+    if world_size > 1:
+        for r in range(1, world_size):
+            _part_path(out, r, world_size).unlink(missing_ok=True)
+        if not any((out / "tmp").iterdir()):
+            (out / "tmp").rmdir()
+    log.info("mining: %d queries in %.1fs (%.1f queries/s; embedding %.1fs) -> %s", queries, timing["total_s"],
+             summary.queries_per_s, timing["embed_s"], out)
+    return summary

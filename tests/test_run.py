@@ -1,0 +1,96 @@
+"""The Hydra entry point end to end: a short training run into MLflow, a -m sweep, and the quickstart (slow)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ROOT / "experiments" / "run.py"
+SHORT = ["synth.size=ci", "trainer.max_steps=2", "data.samples_per_epoch=32", "data.batch_size=4",
+         "data.num_workers=0", "callbacks=none", "trainer.log_every_n_steps=1"]
+
+
+def _run(tmp_path: Path, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MMEMBED_ROOT": str(tmp_path), "OMP_NUM_THREADS": "2"}
+    r = subprocess.run([sys.executable, str(RUN), *args, f"hydra.run.dir={tmp_path}/run",
+                        f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    return r
+
+
+def _client(tmp_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'logs' / 'mlflow.db'}")
+
+
+def test_train_run_logs_to_mlflow_and_saves_embedder(tmp_path):
+    _run(tmp_path, ["+exp=stage2_warmup", *SHORT])
+    assert (tmp_path / "data" / "synth_ci_s0" / "manifest.json").is_file()  # generated on first use
+    assert (tmp_path / "run" / "embedder" / "mmembed.json").is_file()
+    client = _client(tmp_path)
+    exp = client.get_experiment_by_name("mmembed")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.data.params["backbone.finetune.lora_r"] == "16"
+    assert run.data.params["exp_name"] == "stage2_warmup"
+    assert "train/loss" in run.data.metrics
+    assert run.data.tags.get("mmembed.experiment") == "stage2_warmup"
+
+    from mmembed import Embedder, Item
+
+    emb = Embedder.from_pretrained(tmp_path / "run" / "embedder", device="cpu")
+    assert emb.encode([Item(text="a red circle")]).shape == (1, 64)
+
+
+def test_bad_override_is_one_line(tmp_path):
+    env = {**os.environ, "MMEMBED_ROOT": str(tmp_path)}
+    r = subprocess.run([sys.executable, str(RUN), "task=fly", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "config error: task='fly'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_multirun_sweep_makes_parent_with_children(tmp_path):
+    _run(tmp_path, ["-m", "+exp=ablation_lora_r8,ablation_lora_r16", *SHORT, "save_embedder=false"])
+    client = _client(tmp_path)
+    exp = client.get_experiment_by_name("mmembed")
+    runs = client.search_runs([exp.experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parents = {r.data.tags["mlflow.parentRunId"] for r in children}
+    assert len(children) == 2 and len(parents) == 1
+    assert sorted(r.data.params["backbone.finetune.lora_r"] for r in children) == ["16", "8"]
+    parent = parents.pop()
+    arts = {a.path for a in client.list_artifacts(parent, "sweep_summary")}
+    assert {"sweep_summary/summary.csv", "sweep_summary/summary.png"} <= arts
+    csv = Path(client.download_artifacts(parent, "sweep_summary/summary.csv", str(tmp_path))).read_text()
+    assert "backbone.finetune.lora_r" in csv and "train/loss" in csv
+
+
+@pytest.mark.slow
+def test_stage2_hnm_mines_with_warmup_checkpoint_then_trains(tmp_path):
+    _run(tmp_path, ["+exp=stage2_warmup", *SHORT])
+    (tmp_path / "run").rename(tmp_path / "warmup")
+    _run(tmp_path, ["+exp=stage2_hnm", *SHORT, f"mining.checkpoint={tmp_path}/warmup/embedder"])
+    mined = tmp_path / "run" / "mined"
+    assert (mined / "manifest.jsonl").is_file() and (mined / "summary.json").is_file()
+    assert list((mined / "shards").glob("*.tar")) and (tmp_path / "run" / "embedder" / "mmembed.json").is_file()
+
+
+@pytest.mark.slow
+def test_quickstart_improves_retrieval(tmp_path):
+    r = _run(tmp_path, ["+exp=quickstart"], timeout=1800)
+    client = _client(tmp_path)
+    exp = client.get_experiment_by_name("mmembed")
+    (run,) = client.search_runs([exp.experiment_id])
+    hist = {k: [m.value for m in client.get_metric_history(run.info.run_id, k)]
+            for k in ("val/mmeb/overall", "val/visdoc/overall")}
+    for key, values in hist.items():
+        assert len(values) == 2, key  # before and after
+    assert hist["val/mmeb/overall"][1] > hist["val/mmeb/overall"][0] + 5, hist
+    assert "results" in r.stdout
