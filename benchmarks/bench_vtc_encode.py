@@ -30,6 +30,7 @@ import torch
 from benchmarks.common import (
     REFERENCE_PRESET,
     add_common_args,
+    benchmark_session,
     check_common_args,
     count_image_tokens,
     device_description,
@@ -39,9 +40,7 @@ from benchmarks.common import (
     print_shape_table,
     print_table,
     ratio_line,
-    resolve_preset,
     run_interleaved,
-    setup_device,
     tile_side,
 )
 
@@ -92,10 +91,16 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the tables and ratio lines; returns the measured numbers (for tests)."""
     args = parse_args(argv)
+    start = time.perf_counter()
+    with benchmark_session(args) as (name, device, dtype):
+        results = run(args, name, device, dtype)
+    print(f"wall time of the benchmark (after imports): {time.perf_counter() - start:.0f} s")
+    return results
+
+
+def run(args: argparse.Namespace, name: str, device: torch.device, dtype: torch.dtype) -> dict:
     from mmembed import Embedder
 
-    device, dtype = setup_device(args.device, args.dtype, args.threads)
-    name = resolve_preset(args.preset, args.mini_shape)
     print(f"device: {device_description(device)} | dtype {str(dtype).removeprefix('torch.')} | preset {name}")
 
     t0 = time.perf_counter()
@@ -175,7 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows,
         caption="encode = Embedder.encode end to end; model-only = VTCBackbone.embed on pre-built batches; vision = "
                 "vision tower + compression + projector; LLM = model-only minus vision (difference of medians); "
-                "spread = (max-min)/median over reps.",
+                "spread = (max-min)/median over reps. RATIO lines: median over reps of the paired native/VTC time "
+                "ratio.",
     )
     for kind in KINDS:
         for what, label, goal in (("encode", "encode items/s", GOALS[kind]), ("model", "model-only items/s", None)):

@@ -6,20 +6,28 @@ Issue: print training-step throughput (samples/s) and peak memory for VTC vs nat
 One step = embed a batch of queries and of their positive candidates, InfoNCE over in-batch negatives
 (temperature 0.03, paper Table 14), backward, AdamW step, with LoRA r=16 on the LLM (the stage-2 recipe).
 Both models start from the same preset weights and the same LoRA init, and differ only in ``vtc_factor``.
-Batches follow the image-candidate tasks of the stage-2 data (paper Table 2; VTC changes nothing for text
-candidates) and are built before timing: in training, data loading runs in DataLoader workers beside the step.
+Batches are built before timing: in training, data loading runs in DataLoader workers beside the step.
 
-Peak memory is measured in a fresh process per configuration. On CPU: the kernel's peak resident set (``VmHWM``)
-minus the resident set right before the first step (model, batches and optimizer built); a fresh process keeps
-the baseline free of memory that an earlier configuration left in the allocator. One step runs at half the batch,
-then one at the full batch; the two peaks give a per-sample slope, from which the largest batch fitting a memory
-budget is extrapolated linearly (cheap, approximate). On CUDA: ``torch.cuda.max_memory_allocated`` likewise.
+Data: the image-candidate tasks of the stage-2 data (paper Table 2; VTC changes nothing for text candidates).
+Like ``datamodules/contrastive.py`` (and the paper's in-domain in-batch negatives), every batch holds ONE task and
+tasks are mixed across batches by weight, so each task's step is timed on its own batch, and a mix's throughput is
+that of the weighted stream of such batches: ``batch / sum_t(w_t * step_t)``, per repetition. ``mixed`` weights
+all tasks by their Table 2 sample counts; ``natural`` and ``document`` keep the tasks of one candidate kind.
+
+Peak memory: the memory above the level right before a step, at its highest during the step. On CPU that is the
+kernel's peak resident set (``VmHWM``; tracemalloc misses torch's allocations) minus the resident set before the
+step, each step measured from a reset (freed heap returned with ``malloc_trim``, ``VmHWM`` restarted through
+``/proc/self/clear_refs``): in this process after the timing by default, or with ``--memory subprocess`` in a fresh
+process per (factor, task), which also shows the resident set of one model alone. On CUDA:
+``torch.cuda.max_memory_allocated`` minus ``memory_allocated``. One step runs at half the batch and one at the full
+batch; the two peaks give a per-sample slope, from which the largest batch fitting a memory budget is extrapolated
+linearly (cheap, approximate). A mix's peak is its worst task's, its max batch the smallest of its tasks'.
 
 Run from the repository root::
 
     .venv/bin/python -m benchmarks.bench_vtc_train                               # mini, CPU defaults
-    .venv/bin/python -m benchmarks.bench_vtc_train --mixes mixed --memory off    # throughput only, default mix
-    .venv/bin/python -m benchmarks.bench_vtc_train --mini-shape 2b-proportional --reps 2
+    .venv/bin/python -m benchmarks.bench_vtc_train --mixes mixed --memory off    # throughput of the default mix
+    .venv/bin/python -m benchmarks.bench_vtc_train --mini-shape 2b-proportional
     python -m benchmarks.bench_vtc_train --batch-size 32                         # GPU box (bf16 autocast)
 """
 
@@ -42,7 +50,9 @@ import torch
 from benchmarks.common import (
     REFERENCE_PRESET,
     REPO_ROOT,
+    Timings,
     add_common_args,
+    benchmark_session,
     check_common_args,
     count_image_tokens,
     device_description,
@@ -55,9 +65,8 @@ from benchmarks.common import (
     print_table,
     proc_status_bytes,
     ratio_line,
-    resolve_preset,
+    release_and_reset_peak_rss,
     run_interleaved,
-    setup_device,
     tile_side,
     total_memory_bytes,
 )
@@ -72,14 +81,14 @@ CHILD_TAG = "MEMORY_JSON "
 
 @dataclass(frozen=True)
 class Task:
-    """An image-candidate task of the stage-2 mix.
+    """An image-candidate task of the stage-2 data.
 
     Attributes:
         name: task code as in paper Table 2.
         query: ``text``, ``image`` or ``image+text``.
         kind: candidate kind, ``natural`` or ``document``.
         dataset: dataset whose instructions (paper Tables 11-12) the task uses.
-        millions: samples of this task in the stage-2 data (paper Table 2), the sampling weight.
+        millions: samples of this task in the stage-2 data (paper Table 2): its default weight.
     """
 
     name: str
@@ -89,16 +98,16 @@ class Task:
     millions: float
 
 
-TASKS = (
+TASKS = {t.name: t for t in (
     Task("I->I", "image", "natural", "ImageNet-1K_i2i", 1.3),
     Task("T->I", "text", "natural", "MSCOCO_t2i", 5.3),
     Task("IT->I", "image+text", "natural", "CIRR", 5.3),
     Task("T->VD", "text", "document", "VisRAG", 1.6),
-)
+)}
 MIXES = {
-    "mixed": TASKS,
-    "natural": tuple(t for t in TASKS if t.kind == "natural"),
-    "document": tuple(t for t in TASKS if t.kind == "document"),
+    "mixed": tuple(TASKS),
+    "natural": tuple(n for n, t in TASKS.items() if t.kind == "natural"),
+    "document": tuple(n for n, t in TASKS.items() if t.kind == "document"),
 }
 
 
@@ -106,68 +115,75 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(parser, reps=3)
-    parser.add_argument("--batch-size", type=int, default=8, help="samples (query + positive candidate) per step")
+    parser.add_argument("--batch-size", type=int, default=4, help="samples (query + positive candidate) per step")
     parser.add_argument("--mixes", default="mixed,natural,document",
-                        help=f"comma-separated candidate mixes out of {sorted(MIXES)}; mixed follows paper Table 2")
-    parser.add_argument("--memory", default="subprocess", choices=["subprocess", "off"],
-                        help="peak-memory measurement: one fresh process per configuration, or none")
+                        help=f"comma-separated task mixes to report, out of {sorted(MIXES)}")
+    parser.add_argument("--weights", default=",".join(f"{n}={t.millions:g}" for n, t in TASKS.items()),
+                        help="task weights of the mixes (default: stage-2 sample counts in millions, paper Table 2)")
+    parser.add_argument("--memory", default="inprocess", choices=["inprocess", "subprocess", "off"],
+                        help="peak-memory measurement: in this process after the timing (allocator trimmed and peak "
+                             "counter reset before each step), one fresh process per (factor, task), or none")
     parser.add_argument("--mem-jobs", type=int, default=0,
                         help="memory processes run at once (0: one per CPU core on CPU, 1 on CUDA)")
     parser.add_argument("--mem-budget-gib", type=float, default=None,
                         help="budget for the max-batch estimate (default: the device's total memory)")
-    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)  # "S:MIX", internal
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)  # "S:TASK", internal
     args = parser.parse_args(argv)
     check_common_args(args)
     args.mix_list = [m.strip() for m in args.mixes.split(",") if m.strip()]
     unknown = [m for m in args.mix_list if m not in MIXES]
     if unknown or not args.mix_list:
         raise SystemExit(f"--mixes: unknown {unknown}; choose from {sorted(MIXES)}")
+    try:
+        args.weight = {k.strip(): float(v) for k, v in (kv.split("=") for kv in args.weights.split(",") if kv)}
+    except ValueError:
+        raise SystemExit(f"--weights must look like 'T->I=5.3,T->VD=1.6', got {args.weights!r}") from None
+    if set(args.weight) - set(TASKS) or any(w < 0 for w in args.weight.values()):
+        raise SystemExit(f"--weights: tasks must be among {list(TASKS)} with weights >= 0, got {args.weights!r}")
+    for mix in args.mix_list:
+        if sum(args.weight.get(t, 0.0) for t in MIXES[mix]) <= 0:
+            raise SystemExit(f"--weights gives every task of mix {mix!r} weight 0; give one of {MIXES[mix]} a weight")
+    args.task_list = [t for t in TASKS if args.weight.get(t, 0.0) > 0 and any(t in MIXES[m] for m in args.mix_list)]
     if args.batch_size < 2:
         raise SystemExit(f"--batch-size must be >= 2 (got {args.batch_size}): InfoNCE needs in-batch negatives")
     return args
 
 
+def mix_weights(args: argparse.Namespace, mix: str) -> dict[str, float]:
+    """Normalised weights of the tasks a mix draws its batches from."""
+    w = {t: args.weight.get(t, 0.0) for t in MIXES[mix] if args.weight.get(t, 0.0) > 0}
+    total = sum(w.values())
+    return {t: v / total for t, v in w.items()}
+
+
 # ------------------------------------------------------------------------------------------------------- batches
-def allocate(batch_size: int, tasks: tuple[Task, ...]) -> dict[str, int]:
-    """Samples per task in one batch, proportional to the Table 2 counts (largest remainder, deterministic)."""
-    total = sum(t.millions for t in tasks)
-    exact = [batch_size * t.millions / total for t in tasks]
-    counts = [math.floor(x) for x in exact]
-    by_remainder = sorted(range(len(tasks)), key=lambda i: (counts[i] - exact[i], i))
-    for i in by_remainder[: batch_size - sum(counts)]:
-        counts[i] += 1
-    return {t.name: c for t, c in zip(tasks, counts)}
-
-
-def make_samples(preset: str, mix: str, batch_size: int, seed: int) -> tuple[list, list, dict[str, int]]:
-    """Queries and positive candidates (``Item`` s) for one batch of a mix, shuffled so any prefix is mixed too."""
+def make_samples(preset: str, task_name: str, batch_size: int, seed: int) -> tuple[list, list]:
+    """Queries and positive candidates (``Item`` s) for one batch of one task, with the paper's instructions."""
     from mmembed import Item
     from mmembed.backbone.templates import instructions_for
     from mmembed.data.synth import scenes
 
-    rng = random.Random(f"{seed}:{mix}")
+    task = TASKS[task_name]
+    rng = random.Random(f"{seed}:{task_name}")
     side = tile_side(preset)
-    counts = allocate(batch_size, MIXES[mix])
-    pairs = []
-    for task in MIXES[mix]:
-        q_instr, c_instr = instructions_for(task.dataset)
-        n = counts[task.name]
-        if task.kind == "document":
-            for page, question in document_pages(rng, n, 2 * side):
-                pairs.append((Item(text=question, instruction=q_instr),
-                              Item(image=page, instruction=c_instr, kind="document")))
-            continue
-        for image, scene in natural_images(rng, n, side):
-            if task.query == "text":
-                query = Item(text=scenes.long_caption(scene), instruction=q_instr)
-            elif task.query == "image":  # a re-rendered near duplicate, like NIGHTS / ImageNet i2i
-                query = Item(image=scenes.render(scenes.rejitter(scene, rng), side=side), instruction=q_instr)
-            else:  # composed retrieval: reference image + edit text, the positive shows the edited scene
-                edited, edit = scenes.edit_scene(scene, rng)
-                query, image = Item(image=image, text=edit, instruction=q_instr), scenes.render(edited, side=side)
-            pairs.append((query, Item(image=image, instruction=c_instr, kind="natural")))
-    rng.shuffle(pairs)
-    return [q for q, _ in pairs], [c for _, c in pairs], counts
+    q_instr, c_instr = instructions_for(task.dataset)
+    if task.kind == "document":
+        # Twice the tile side: 2 x 2 tiles + a thumbnail, like the paper's 896 px VisDoc pages.
+        pages = document_pages(rng, batch_size, 2 * side)
+        return ([Item(text=q, instruction=q_instr) for _, q in pages],
+                [Item(image=p, instruction=c_instr, kind="document") for p, _ in pages])
+    queries, cands = [], []
+    for image, scene in natural_images(rng, batch_size, side):
+        if task.query == "text":
+            query = Item(text=scenes.long_caption(scene), instruction=q_instr)
+        elif task.query == "image":  # a re-rendered near duplicate, like NIGHTS / ImageNet i2i
+            query = Item(image=scenes.render(scenes.rejitter(scene, rng), side=side), instruction=q_instr)
+        else:  # composed retrieval: reference image + edit text; the positive shows the edited scene
+            edited, edit = scenes.edit_scene(scene, rng)
+            query, image = Item(image=image, text=edit, instruction=q_instr), scenes.render(edited, side=side)
+        queries.append(query)
+        cands.append(Item(image=image, instruction=c_instr, kind="natural"))
+    return queries, cands
 
 
 @dataclass
@@ -177,7 +193,7 @@ class Batch:
     size: int
 
 
-def build_batches(builder, queries: list, cands: list, device: torch.device) -> Batch:
+def build_batch(builder, queries: list, cands: list, device: torch.device) -> Batch:
     return Batch(builder(queries, "query").to(device), builder(cands, "candidate").to(device), len(queries))
 
 
@@ -188,9 +204,12 @@ class Trainer:
     def __init__(self, preset: str, vtc_factor: int, device: torch.device, dtype: torch.dtype, seed: int) -> None:
         from mmembed.backbone import build_backbone, build_input_builder
 
-        # peft draws the LoRA A matrices from the global RNG: seeding it makes both models' adapters identical too.
-        torch.manual_seed(seed)
-        self.backbone = build_backbone(preset, vtc_factor, finetune=LORA, seed=seed).to(device).train()
+        # peft draws the LoRA A matrices from the global RNG: seeding it makes both models' adapters identical too
+        # (in a forked RNG state, so the caller's random stream is left as it was).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            backbone = build_backbone(preset, vtc_factor, finetune=LORA, seed=seed)
+        self.backbone = backbone.to(device).train()
         self.builder = build_input_builder(preset, vtc_factor)
         self.params = [p for p in self.backbone.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=LEARNING_RATE)
@@ -218,43 +237,48 @@ class Trainer:
 
 
 # -------------------------------------------------------------------------------------------------------- memory
-def memory_child(args: argparse.Namespace) -> None:
-    """In a fresh process: peak step memory for one (factor, mix) at half and full batch; prints one JSON line."""
-    s_text, mix = args.memory_child.split(":", 1)
-    s = int(s_text)
-    device, dtype = setup_device(args.device, args.dtype, args.threads)
-    name = resolve_preset(args.preset, args.mini_shape)
-    trainer = Trainer(name, s, device, dtype, args.seed)
-    queries, cands, _ = make_samples(name, mix, args.batch_size, args.seed)
-    half = args.batch_size // 2
-    batches = [build_batches(trainer.builder, queries[:half], cands[:half], device),
-               build_batches(trainer.builder, queries, cands, device)]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        baseline = torch.cuda.memory_allocated(device)
-    else:
-        baseline = proc_status_bytes("VmRSS")
-    peaks = []
+def measure_step_memory(trainer: Trainer, batches: list[Batch], device: torch.device) -> dict:
+    """Peak memory above the pre-step level for one step on each batch (in order), each measured from a reset."""
+    baselines, peaks = [], []
     for b in batches:
         if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
+            baselines.append(torch.cuda.memory_allocated(device))
+        else:
+            baselines.append(release_and_reset_peak_rss())
         trainer.step(b)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-            peaks.append(torch.cuda.max_memory_allocated(device) - baseline)
+            peaks.append(torch.cuda.max_memory_allocated(device) - baselines[-1])
         else:
-            # VmHWM never decreases, so after the larger second step it is that step's peak (the half-batch step's
-            # peak is lower, and memory it freed is reused, not added).
-            peaks.append(proc_status_bytes("VmHWM") - baseline)
-    print(CHILD_TAG + json.dumps({"s": s, "mix": mix, "baseline": baseline, "sizes": [b.size for b in batches],
-                                  "peaks": peaks}), flush=True)
+            peaks.append(proc_status_bytes("VmHWM") - baselines[-1])
+    return {"baseline": baselines[-1], "sizes": [b.size for b in batches], "peaks": peaks}
+
+
+def half_and_full(trainer: Trainer, preset: str, task: str, batch_size: int, seed: int,
+                  device: torch.device) -> list[Batch]:
+    queries, cands = make_samples(preset, task, batch_size, seed)
+    half = batch_size // 2
+    return [build_batch(trainer.builder, queries[:half], cands[:half], device),
+            build_batch(trainer.builder, queries, cands, device)]
+
+
+def memory_child(args: argparse.Namespace, name: str, device: torch.device, dtype: torch.dtype) -> None:
+    """In a fresh process: step memory for one (factor, task) at half and full batch; prints one JSON line."""
+    s_text, task = args.memory_child.split(":", 1)
+    trainer = Trainer(name, int(s_text), device, dtype, args.seed)
+    result = measure_step_memory(trainer, half_and_full(trainer, name, task, args.batch_size, args.seed, device),
+                                 device)
+    print(CHILD_TAG + json.dumps({"s": int(s_text), "task": task, **result}), flush=True)
 
 
 def run_memory_children(args: argparse.Namespace, argv: list[str], device: torch.device) -> list[dict]:
-    """One subprocess per (factor, mix); returns their JSON results (failures reported, not raised)."""
-    configs = [(s, mix) for mix in args.mix_list for s in FACTORS]
+    """One subprocess per (factor, task); returns their JSON results (failures reported, not raised)."""
+    configs = [(s, task) for task in args.task_list for s in FACTORS]
     jobs = args.mem_jobs or (1 if device.type == "cuda" else min(len(configs), os.cpu_count() or 1))
-    threads = max(1, (args.threads or torch.get_num_threads()) // jobs)
+    threads = max(1, torch.get_num_threads() // jobs)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
 
     def run(cfg: tuple[int, str]) -> dict:
@@ -265,105 +289,154 @@ def run_memory_children(args: argparse.Namespace, argv: list[str], device: torch
             if line.startswith(CHILD_TAG):
                 return json.loads(line[len(CHILD_TAG):])
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"s": cfg[0], "mix": cfg[1], "error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+        return {"s": cfg[0], "task": cfg[1], "error": f"exit {proc.returncode}: {' | '.join(tail)}"}
 
     log(f"measuring peak memory: {len(configs)} fresh processes, {jobs} at a time, {threads} thread(s) each")
     with ThreadPoolExecutor(jobs) as pool:
         return list(pool.map(run, configs))
 
 
-def print_memory(results: list[dict], budget: int, device: torch.device) -> None:
+def memory_fit(r: dict, budget: int) -> dict:
+    """Step peak at the full batch, per-sample slope and the linear estimate of the largest batch within budget."""
+    (n1, n2), (p1, p2) = r["sizes"], r["peaks"]
+    slope = (p2 - p1) / (n2 - n1) if n2 > n1 else float("nan")
+    max_batch = math.floor((budget - r["baseline"] - (p2 - slope * n2)) / slope) if slope > 0 else None
+    return {"peak": p2, "slope": slope, "max_batch": max_batch}
+
+
+def print_memory(args: argparse.Namespace, results: list[dict], budget: int, device: torch.device) -> None:
     what = "max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)"
-    rows, by_key = [], {}
+    rows, fits = [], {}
     for r in results:
         label = f"{r['s']} ({'VTC' if r['s'] > 1 else 'native'})"
         if "error" in r:
-            rows.append([r["mix"], label, "failed", "", "", "", r["error"][:80]])
+            rows.append([r["task"], label, "failed", "", "", "", r["error"][:80]])
             continue
+        fit = fits[r["task"], r["s"]] = memory_fit(r, budget)
         (n1, n2), (p1, p2) = r["sizes"], r["peaks"]
-        slope = (p2 - p1) / (n2 - n1) if n2 > n1 else float("nan")
-        intercept = p2 - slope * n2
-        max_batch = math.floor((budget - r["baseline"] - intercept) / slope) if slope > 0 else None
-        by_key[r["mix"], r["s"]] = (p2, max_batch)
-        rows.append([r["mix"], label, mib(r["baseline"]), f"{mib(p1)} @ {n1}", f"{mib(p2)} @ {n2}",
-                     mib(slope) if slope > 0 else "n/a", str(max_batch) if max_batch is not None else "n/a"])
+        rows.append([r["task"], label, mib(r["baseline"]), f"{mib(p1)} @ {n1}", f"{mib(p2)} @ {n2}",
+                     mib(fit["slope"]) if fit["slope"] > 0 else "n/a",
+                     str(fit["max_batch"]) if fit["max_batch"] is not None else "n/a"])
     print_table(
-        f"Peak memory of one training step ({what} minus the level before the first step; fresh process each)",
-        ["mix", "s", "before step (model, batch)", "step peak @ half batch", "step peak @ batch", "per sample",
+        f"Peak memory of one training step ({what} above the level right before the step; "
+        f"{'fresh process per row' if args.memory == 'subprocess' else 'measured in the timing process'})",
+        ["task", "s", "before step (process)", "step peak @ half batch", "step peak @ batch", "per sample",
          f"est. max batch in {gib(budget)}"],
         rows,
         caption="est. max batch: linear fit through the two step peaks, extrapolated to the budget; approximate "
-                "(the step's memory is dominated by activations, which grow linearly with the batch).",
+                "(a step's memory is dominated by activations, which grow linearly with the batch).",
     )
-    for mix in dict.fromkeys(r["mix"] for r in results):
-        if (mix, 1) in by_key and (mix, 2) in by_key:
-            (m1, b1), (m2, b2) = by_key[mix, 1], by_key[mix, 2]
-            fit = f"; est. max batch VTC/native = {b2 / b1:.2f}x" if b1 and b2 else ""
-            print(f"MEMORY {mix}: step peak native/VTC = {m1 / m2:.2f}x{fit}")
+    for mix in args.mix_list:
+        tasks = list(mix_weights(args, mix))
+        per = {s: [fits.get((t, s)) for t in tasks] for s in FACTORS}
+        if any(f is None for fs in per.values() for f in fs):
+            continue
+        peak = {s: max(f["peak"] for f in per[s]) for s in FACTORS}
+        line = (f"MEMORY {mix}: worst-task step peak native/VTC = {peak[1] / peak[2]:.2f}x "
+                f"({mib(peak[1])} vs {mib(peak[2])})")
+        if all(f["max_batch"] for fs in per.values() for f in fs):
+            mb = {s: min(f["max_batch"] for f in per[s]) for s in FACTORS}
+            line += f"; est. max batch in {gib(budget)}: VTC {mb[2]} vs native {mb[1]} ({mb[2] / mb[1]:.2f}x)"
+        print(line)
 
 
 # ---------------------------------------------------------------------------------------------------------- main
+def mix_timings(args: argparse.Namespace, timings: Timings) -> Timings:
+    """Per-repetition seconds per step of each mix's weighted stream of one-task batches, from the task timings."""
+    wall, cpu = {}, {}
+    for mix in args.mix_list:
+        w = mix_weights(args, mix)
+        for s in FACTORS:
+            wall[mix, s] = [sum(w[t] * timings.seconds[t, s][i] for t in w) for i in range(args.reps)]
+            cpu[mix, s] = [sum(w[t] * timings.cpu_seconds[t, s][i] for t in w) for i in range(args.reps)]
+    return Timings(wall, cpu)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the tables and ratio lines; returns the measured numbers (for tests)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if args.memory_child:
-        memory_child(args)
-        return {}
-    device, dtype = setup_device(args.device, args.dtype, args.threads)
-    name = resolve_preset(args.preset, args.mini_shape)
+    start = time.perf_counter()
+    with benchmark_session(args) as (name, device, dtype):
+        if args.memory_child:
+            memory_child(args, name, device, dtype)
+            return {}
+        results = run(args, argv, name, device, dtype)
+    print(f"wall time of the benchmark (after imports): {time.perf_counter() - start:.0f} s")
+    return results
+
+
+def run(args: argparse.Namespace, argv: list[str], name: str, device: torch.device, dtype: torch.dtype) -> dict:
     mode = "bf16 autocast, fp32 weights" if dtype != torch.float32 else "float32"
     print(f"device: {device_description(device)} | {mode} | preset {name} | LoRA r={LORA['lora_r']} on the LLM")
 
     t0 = time.perf_counter()
     trainers = {s: Trainer(name, s, device, dtype, args.seed) for s in FACTORS}
     log(f"built both models in {time.perf_counter() - t0:.1f} s")
-    batches, counts, stats = {}, {}, {}
-    for mix in args.mix_list:
-        queries, cands, counts[mix] = make_samples(name, mix, args.batch_size, args.seed)
+    batches, stats = {}, {}
+    for task in args.task_list:
+        queries, cands = make_samples(name, task, args.batch_size, args.seed)
         for s, tr in trainers.items():
-            b = build_batches(tr.builder, queries, cands, device)
-            batches[mix, s] = b
-            vis = [sum(x) for x in zip(count_image_tokens(b.queries["input_ids"], tr.image_token_id),
-                                       count_image_tokens(b.candidates["input_ids"], tr.image_token_id))]
-            seq = int(b.queries["attention_mask"].sum() + b.candidates["attention_mask"].sum())
-            stats[mix, s] = (sum(vis) / b.size, seq / b.size)
+            b = batches[task, s] = build_batch(tr.builder, queries, cands, device)
+            vis = count_image_tokens(b.queries["input_ids"], tr.image_token_id) + count_image_tokens(
+                b.candidates["input_ids"], tr.image_token_id)
+            real = int(b.queries["attention_mask"].sum() + b.candidates["attention_mask"].sum())
+            stats[task, s] = (sum(vis) / b.size, real / b.size)
 
-    fns = {(mix, s): (lambda m=mix, s=s: trainers[s].step(batches[m, s])) for mix in args.mix_list for s in FACTORS}
+    # Native and VTC of one task sit next to each other, so they run back to back in every repetition.
+    fns = {(task, s): (lambda t=task, s=s: trainers[s].step(batches[t, s])) for task in args.task_list
+           for s in FACTORS}
     log(f"timing {len(fns)} configurations x ({args.warmup} warm-up + {args.reps}) repetitions, interleaved")
     t0 = time.perf_counter()
     timings = run_interleaved(fns, args.reps, args.warmup, device, progress=log)
     log(f"timed in {time.perf_counter() - t0:.1f} s")
+    mixes = mix_timings(args, timings)
 
+    bs = args.batch_size
     rows, results = [], {"tokens": {}, "ratios": {}, "samples_per_s": {}}
-    for mix in args.mix_list:
-        comp = ", ".join(f"{k} {v}" for k, v in counts[mix].items() if v)
+    for task in args.task_list:
         for s in FACTORS:
-            sec = timings.median((mix, s))
-            vis, seq = stats[mix, s]
-            rows.append([mix, comp, f"{s} ({'VTC' if s > 1 else 'native'})", f"{vis:g}", f"{seq:.0f}",
-                         f"{sec:.2f}", f"{args.batch_size / sec:.2f}", f"{timings.spread((mix, s)):.0%}"])
-            results["tokens"][mix, s] = vis
-            results["samples_per_s"][mix, s] = args.batch_size / sec
+            sec = timings.median((task, s))
+            vis, real = stats[task, s]
+            speedup = f"{timings.ratio((task, 1), (task, 2)):.2f}x" if s > 1 else ""
+            rows.append([task, TASKS[task].kind, f"{s} ({'VTC' if s > 1 else 'native'})", f"{vis:g}", f"{real:.0f}",
+                         f"{sec:.2f}", f"{bs / sec:.2f}", speedup, f"{timings.spread((task, s)):.0%}"])
+            results["tokens"][task, s] = vis
+    for mix in args.mix_list:
+        comp = " + ".join(f"{w:.0%} {t}" for t, w in mix_weights(args, mix).items())
+        for s in FACTORS:
+            sec = mixes.median((mix, s))
+            speedup = f"{mixes.ratio((mix, 1), (mix, 2)):.2f}x" if s > 1 else ""
+            rows.append([f"mix: {mix}", comp, f"{s} ({'VTC' if s > 1 else 'native'})", "", "", f"{sec:.2f}",
+                         f"{bs / sec:.2f}", speedup, f"{mixes.spread((mix, s)):.0%}"])
+            results["samples_per_s"][mix, s] = bs / sec
     print_table(
         f"Contrastive training step, {name}: VTC (s=2) vs native (s=1); median of {args.reps} interleaved reps, "
-        f"batch {args.batch_size}",
-        ["mix", "tasks (samples)", "s", "visual tok/sample", "tokens/sample (q+c)", "step s", "samples/s", "spread"],
+        f"batch {bs} of one task",
+        ["task / mix", "candidates", "s", "visual tok/sample", "tokens/sample (q+c)", "step s", "samples/s",
+         "VTC speed-up", "spread"],
         rows,
         caption="step = embed queries + candidates, InfoNCE (in-batch negatives), backward, AdamW; batches built "
-                "beforehand. spread = (max-min)/median over reps.",
+                "beforehand. A mix = weighted stream of one-task batches (step time = weighted mean of its tasks' "
+                "per repetition). speed-up = median over reps of the paired native/VTC time ratio; spread = "
+                "(max-min)/median over reps.",
     )
     for mix in args.mix_list:
-        results["ratios"][mix] = timings.ratio((mix, 1), (mix, 2))
-        print(ratio_line(f"{mix} train samples/s", timings, (mix, 1), (mix, 2), GOAL, device))
+        results["ratios"][mix] = mixes.ratio((mix, 1), (mix, 2))
+        print(ratio_line(f"{mix} train samples/s", mixes, (mix, 1), (mix, 2), GOAL, device))
 
-    if args.memory == "subprocess":
-        del trainers, batches  # the children need the memory more than this process does
+    if args.memory != "off":
         t0 = time.perf_counter()
-        mem = run_memory_children(args, argv, device)
+        if args.memory == "subprocess":
+            del trainers, batches  # the children need the memory more than this process does
+            mem = run_memory_children(args, argv, device)
+        else:
+            mem = [{"s": s, "task": task, **measure_step_memory(
+                       trainers[s], half_and_full(trainers[s], name, task, bs, args.seed, device), device)}
+                   for task in args.task_list for s in FACTORS]
         log(f"memory measured in {time.perf_counter() - t0:.1f} s")
         budget = int(args.mem_budget_gib * 2**30) if args.mem_budget_gib else total_memory_bytes(device)
-        print_memory(mem, budget, device)
+        print_memory(args, mem, budget, device)
         results["memory"] = mem
     if args.preset == "mini":
         print_shape_table([name, REFERENCE_PRESET])

@@ -15,7 +15,8 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,6 +228,28 @@ def resolve_preset(preset: str, mini_shape: str) -> str:
     return name
 
 
+@contextmanager
+def benchmark_session(args: argparse.Namespace) -> Iterator[tuple[str, torch.device, torch.dtype]]:
+    """Device, dtype and preset name for one run, set up from the common flags and undone afterwards.
+
+    ``main()`` is also called from tests in a shared interpreter, so the thread count is restored and an alternative
+    shape registered for the run is removed from ``PRESETS`` on the way out.
+
+    Yields:
+        ``(preset name to build, device, dtype)``.
+    """
+    threads = torch.get_num_threads()
+    shape_name = f"mini@{args.mini_shape}"
+    registered_before = shape_name in PRESETS
+    try:
+        device, dtype = setup_device(args.device, args.dtype, args.threads)
+        yield resolve_preset(args.preset, args.mini_shape), device, dtype
+    finally:
+        torch.set_num_threads(threads)
+        if not registered_before:
+            PRESETS.pop(shape_name, None)
+
+
 def _config(preset: str):
     # Vocabulary and image-token id do not change any count below; the offline tokenizer is not needed for them.
     return preset_config(preset, vocab_size=PRESETS[preset].tokenizer_vocab, image_token_id=0)
@@ -344,6 +367,32 @@ def proc_status_bytes(field: str) -> int:
                 raise RuntimeError(f"unexpected unit {unit!r} for {field} in /proc/self/status")
             return int(value) * 1024
     raise RuntimeError(f"/proc/self/status has no {field} (not Linux?); run with --memory off")
+
+
+def release_and_reset_peak_rss() -> int:
+    """Return freed heap memory to the OS, restart the kernel's peak-RSS counter, and return the resident set now.
+
+    Lets one process measure several configurations in turn: glibc keeps freed small and mid-sized blocks (up to
+    its 32 MiB dynamic mmap threshold) in its heap, which would otherwise inflate the next baseline and be reused
+    unseen; ``malloc_trim(0)`` hands them back. Writing ``5`` to ``/proc/self/clear_refs`` (Linux >= 4.0) resets
+    ``VmHWM`` to the current resident set, so the next ``VmHWM`` read is the peak since this call.
+
+    Raises:
+        OSError: the peak counter cannot be reset here (not Linux, or ``/proc`` read-only); use a fresh process
+            per configuration instead (``--memory subprocess``).
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc_name), "malloc_trim", None) if libc_name else None
+    if trim is not None:
+        trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return proc_status_bytes("VmRSS")
 
 
 def total_memory_bytes(device: torch.device) -> int:

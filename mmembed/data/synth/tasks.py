@@ -94,6 +94,9 @@ def _gen_label(attr: str, n_objects: tuple[int, int]) -> Generator:
         out = []
         for i in range(n):
             scene = sc.random_scene(rng, n_objects)
+            if len(scene.objects) == 1:  # a lone object is shown big and centred, like a classification photo
+                obj = replace(scene.objects[0], position="center", scale=rng.uniform(1.6, 2.1))
+                scene = sc.Scene(scene.background, (obj,), scene.tint)
             label = scene.background if attr == "background" else getattr(scene.objects[0], attr)
             out.append(Example(None, sc.render(scene, side), _t(label), frozenset([label]), meta=scene.to_meta(),
                                q_uid=_uid(i, "q")))
