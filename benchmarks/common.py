@@ -1,9 +1,11 @@
 """Shared helpers for the VTC benchmarks: devices, interleaved timing, synthetic inputs, model shapes, tables.
 
 Timing discipline: the machines these run on are shared (other test suites may run at the same time), so the two
-models are never timed in separate phases. Each repetition runs every configuration once, the order reverses
-every repetition (A B, B A, A B, ...), and the median over repetitions is reported. Background load then slows
-both sides alike, and the ratio stays meaningful even when absolute numbers drift.
+models are never timed in separate phases. Each repetition runs every configuration once, the VTC and native runs
+of one configuration back to back, and the order reverses every repetition (A B, B A, A B, ...). Throughputs are
+medians over repetitions; a VTC/native ratio is the median of the per-repetition ratios, so load that changes
+between repetitions cancels out of it. CPU runs default to one thread (see ``setup_device``), and on CPU every
+ratio is also given in process CPU time, which other processes hardly stretch.
 """
 
 from __future__ import annotations
