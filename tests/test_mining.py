@@ -283,8 +283,12 @@ def test_settings_parts_seeds_and_log_lines(tmp_path, caplog):
     # 6 positives minus the ground truth leave 5 candidates per query: too few for 10 (or 9) negatives.
     with pytest.raises(ValueError, match="'few'.*fewer than n=10"):
         mine_hard_negatives(emb, shards, tmp_path / "o", window=(0, 10), n=10)
-    with pytest.raises(ValueError, match="'few'.*need k=9"):
-        mine_hard_negatives(emb, shards, tmp_path / "o", strategy="rule", k=9)
+    # The rule strategy clamps top-K to what the corpus holds (as the window clamps), reported in the summary.
+    clamped = mine_hard_negatives(emb, shards, tmp_path / "rule9", strategy="rule", k=9)
+    few = clamped.datasets["few"]
+    assert few.negatives_per_query == 5 and few.clamped_queries == 6
+    assert "clamped to top-5" in few.clamp_warning
+    assert all(len(r["negative_ids"]) == 5 for r in _manifest(tmp_path / "rule9"))
 
     # A part written for other shards is not merged silently.
     other = _text_shards(tmp_path, "other", 7)

@@ -329,8 +329,18 @@ def _mine_dataset(ds: _Dataset, q: torch.Tensor, c: torch.Tensor, *, strategy: S
                                                         seed=_dataset_seed(seed, ds.name))
             clamp_warning = " ".join(str(w.message) for w in caught) or None
         else:
-            chosen = rule_based_negatives(ranked, positives, k, corpus_keys=keys)
-            ranks = np.tile(np.arange(k, dtype=np.int64), (len(ds.samples), 1))
+            # A corpus smaller than k + 1 (e.g. a 7-label classification set with k=16) cannot give k negatives:
+            # clamp to what every query's filtered list holds, and report it like the window clamp.
+            shortest = min(len(x) for x in lists)
+            k_eff = min(k, shortest)
+            if k_eff < 1:
+                raise ValueError(f"no candidate is left after removing the positive and its duplicates (k={k})")
+            if k_eff < k:
+                clamp_warning = (f"rule top-{k} clamped to top-{k_eff}: the shortest filtered list has {shortest} "
+                                 "candidates")
+                log.warning("[mine] %s: %s", ds.name, clamp_warning)
+            chosen = rule_based_negatives(ranked, positives, k_eff, corpus_keys=keys)
+            ranks = np.tile(np.arange(k_eff, dtype=np.int64), (len(ds.samples), 1))
     except ValueError as err:
         raise ValueError(f"dataset {ds.name!r} (corpus of {len(ds.corpus)} unique positives): {err}") from err
 
@@ -367,7 +377,7 @@ def _mine_dataset(ds: _Dataset, q: torch.Tensor, c: torch.Tensor, *, strategy: S
             "clamped": bool(strategy == "window" and len(lists[i]) < window[1]),
             "false_negatives_picked": fn_hit,
         })
-    clamped = [len(x) for x in lists if len(x) < window[1]] if strategy == "window" else []
+    clamped = [len(x) for x in lists if len(x) < (window[1] if strategy == "window" else k)]
     stats = DatasetMiningStats(
         queries=len(ds.samples),
         corpus_size=len(ds.corpus),
@@ -517,7 +527,8 @@ def mine_hard_negatives(
             ds, emb[name, "query"], emb[name, "candidate"], strategy=strategy, window=window, n=n, k=k or 0,
             seed=seed, backend=backend, device=device)
         s = stats[name]
-        clamp = (f"; window clamped for {s.clamped_queries} queries (shortest list {s.shortest_list})"
+        what = "window" if strategy == "window" else f"top-{k}"
+        clamp = (f"; {what} clamped for {s.clamped_queries} queries (shortest list {s.shortest_list})"
                  if s.clamped_queries else "")
         fn = (f"; picked {s.false_negatives_picked} of {s.false_negatives_planted} planted false negatives"
               if s.false_negatives_picked is not None else "")
