@@ -26,6 +26,12 @@ if str(ROOT) not in sys.path:  # datamodules/ and callbacks/ live next to mmembe
 TASKS = ("train", "mine", "hnm", "eval")
 
 
+def instantiate(cfg, **kwargs):
+    """``hydra.utils.instantiate`` passing plain dicts/lists (not DictConfig) to constructors, so that what modules
+    save as hyper-parameters loads with torch's safe (weights-only) checkpoint loader on resume."""
+    return hydra.utils.instantiate(cfg, _convert_="all", **kwargs)
+
+
 class ConfigError(SystemExit):
     """A misconfiguration: printed as one line, exit code 2."""
 
@@ -56,6 +62,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("data.num_hard_negatives must be >= 0")
     if cfg.task == "hnm" and not cfg.mining.checkpoint:
         raise ConfigError("task=hnm needs mining.checkpoint=<embedder folder> (e.g. the stage2_warmup run's embedder)")
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; point at <run>/checkpoints/last.ckpt")
     if cfg.mining.checkpoint and not Path(cfg.mining.checkpoint).is_dir():
         raise ConfigError(f"mining.checkpoint={cfg.mining.checkpoint} is not a folder; train stage2_warmup first")
 
@@ -83,11 +91,19 @@ def _logger(cfg: DictConfig):
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN:
         kw["sweep_dir"] = hc.sweep.dir
-    return hydra.utils.instantiate(cfg.logger, **kw)
+    return instantiate(cfg.logger, **kw)
 
 
-def _callbacks(cfg: DictConfig) -> list:
-    return [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+def _callbacks(cfg: DictConfig, has_logger: bool = True) -> list:
+    out = []
+    for name, c in (cfg.get("callbacks") or {}).items():
+        if not c or "_target_" not in c:
+            continue
+        if not has_logger and c._target_.endswith("LearningRateMonitor"):
+            print(f"note: callbacks.{name} (LearningRateMonitor) needs a logger; skipped with logger=none")
+            continue
+        out.append(instantiate(c))
+    return out
 
 
 def _swept_param(cfg: DictConfig) -> str | None:
@@ -111,17 +127,17 @@ def train(cfg: DictConfig, train_shards: str | None = None) -> dict[str, float]:
 
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
-    backbone = hydra.utils.instantiate(cfg.backbone)
-    module = hydra.utils.instantiate(cfg.module, backbone=backbone)
+    backbone = instantiate(cfg.backbone)
+    module = instantiate(cfg.module, backbone=backbone)
     data_kw = {"train_shards": train_shards} if train_shards else {}
-    datamodule = hydra.utils.instantiate(cfg.data, **data_kw)
+    datamodule = instantiate(cfg.data, **data_kw)
     logger = _logger(cfg)
-    callbacks = _callbacks(cfg)
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger or False)
+    callbacks = _callbacks(cfg, has_logger=logger is not None)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger or False)
     if logger is not None and trainer.is_global_zero:
         log_config(logger, OmegaConf.to_container(cfg, resolve=True), experiment=cfg.exp_name)
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["time/fit_s"] = time.perf_counter() - t0
     if trainer.is_global_zero:
@@ -216,8 +232,8 @@ def main(cfg: DictConfig) -> dict[str, float] | None:
         shards = mine(cfg)
         return train(cfg, train_shards=str(shards / "*.tar"))
     # task == eval: run the eval callbacks' runners once on the configured (untrained or loaded) model
-    backbone = hydra.utils.instantiate(cfg.backbone)
-    module = hydra.utils.instantiate(cfg.module, backbone=backbone)
+    backbone = instantiate(cfg.backbone)
+    module = instantiate(cfg.module, backbone=backbone)
     rows = {}
     for cb in _callbacks(cfg):
         if hasattr(cb, "evaluate"):

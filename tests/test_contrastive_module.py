@@ -42,6 +42,7 @@ def test_training_lowers_the_loss_on_a_fixed_batch():
         after = module(batch).loss.item()
     assert after < before - 0.5, (before, after)
     assert module.trainer.callback_metrics["train/num_negatives"].item() == 4 + 4 - 1  # 4 pos + 4 hard negs - 1
+    assert module.trainer.callback_metrics["train/samples_per_s"].item() > 0
 
 
 def _one_sgd_step(module, batch) -> dict[str, torch.Tensor]:

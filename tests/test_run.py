@@ -94,3 +94,23 @@ def test_quickstart_improves_retrieval(tmp_path):
         assert len(values) == 2, key  # before and after
     assert hist["val/mmeb/overall"][1] > hist["val/mmeb/overall"][0] + 5, hist
     assert "results" in r.stdout
+
+
+def test_checkpoint_on_main_metric_and_resume(tmp_path):
+    import torch
+
+    tiny_eval = ["callbacks.mmeb.max_queries=2", "callbacks.visdoc.max_queries=2", "callbacks.mmeb.eval_at_start=false",
+                 "callbacks.visdoc.eval_at_start=false", "callbacks.mmeb.subsets=[synth_cls_color,synth_ret_t2i]"]
+    base = [a for a in SHORT if a != "callbacks=none"] + tiny_eval + ["save_embedder=false", "logger=none"]
+    _run(tmp_path, ["+exp=stage2_warmup", *base])
+    ckpts = tmp_path / "run" / "checkpoints"
+    best = [p for p in ckpts.glob("best-*.ckpt")]
+    assert (ckpts / "last.ckpt").is_file() and len(best) == 1
+    state = torch.load(best[0], map_location="cpu", weights_only=False)
+    monitor = next(v for k, v in state["callbacks"].items() if "ModelCheckpoint" in k)
+    assert monitor["monitor"] == "val/mmeb/overall" and monitor["best_model_score"] is not None
+    (tmp_path / "run").rename(tmp_path / "first")
+    _run(tmp_path, ["+exp=stage2_warmup", *base, "trainer.max_steps=4", "trainer.max_epochs=2",
+                    f"ckpt_path={tmp_path}/first/checkpoints/last.ckpt"])
+    resumed = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == 4  # continued from step 2, not restarted

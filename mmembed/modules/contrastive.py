@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
@@ -36,6 +37,7 @@ class ContrastiveModule(BackboneModule):
         self.gradient_clip_val = gradient_clip_val
         self.automatic_optimization = gradcache_chunk_size is None
         self.skip_counts: Counter[str] = Counter()
+        self._last_batch_end: float | None = None
 
     def _split(self, q: torch.Tensor, c: torch.Tensor, batch: dict[str, Any]):
         b, n = q.shape[0], int(batch.get("num_negatives", 0))
@@ -91,6 +93,18 @@ class ContrastiveModule(BackboneModule):
             sched.step()
         self._log_step(holder["out"], batch, "train")
         return holder["out"].loss.detach()
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
+        # Samples/s between consecutive batch ends: includes data loading and the optimiser step, i.e. what a user
+        # waits for (the first batch of a fit has no previous end and is not reported).
+        now = time.perf_counter()
+        if self._last_batch_end is not None:
+            bs = int(batch["query"]["input_ids"].shape[0])
+            self.log("train/samples_per_s", bs / max(now - self._last_batch_end, 1e-9), batch_size=bs)
+        self._last_batch_end = now
+
+    def on_train_epoch_start(self) -> None:
+        self._last_batch_end = None  # do not count the epoch boundary (evaluation, loader start-up)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int):
         out = self(batch)
