@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from PIL import Image
 
-from mmembed.data.evalsets import find_beir_part, read_parquet, split_legacy_text
+from mmembed.data.evalsets import find_beir_part, image_cell, read_parquet, split_legacy_text
 from mmembed.data.schema import META_TASKS, TASKS, Sample, Side
 from mmembed.data.shards import SkipCounter, SkipSample, write_shards
 
@@ -288,13 +288,7 @@ def mmeb_train_to_shards(
 # ---------------------------------------------------------------------------------------------------------- VisDoc
 def _page_bytes(value: Any, image_root: Path | None) -> tuple[bytes, str]:
     """Bytes + extension of a page cell: HF Image struct (bytes/path), raw bytes, or a path string."""
-    data, rel = None, None
-    if isinstance(value, dict):
-        data, rel = value.get("bytes"), value.get("path")
-    elif isinstance(value, bytes | bytearray):
-        data = bytes(value)
-    elif isinstance(value, str):
-        rel = value
+    data, rel = image_cell(value)
     if data:
         return data, image_ext(data)
     if rel:

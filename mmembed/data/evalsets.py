@@ -314,15 +314,20 @@ def _image_suffix(data: bytes) -> str:
     return ".img"
 
 
+def image_cell(value: Any) -> tuple[bytes | None, str | None]:
+    """``(bytes, path)`` of an image cell in a parquet: HF ``Image`` struct (bytes/path), raw bytes, or a path."""
+    if isinstance(value, dict):
+        return value.get("bytes"), value.get("path")
+    if isinstance(value, bytes | bytearray):
+        return bytes(value), None
+    if isinstance(value, str):
+        return None, value
+    return None, None
+
+
 def _corpus_image(value: Any, cid: str, folder: Path, image_dir: Path) -> str:
     """A file path for a corpus ``image`` cell: HF Image struct (bytes/path), raw bytes, or a path string."""
-    data, rel = None, None
-    if isinstance(value, dict):
-        data, rel = value.get("bytes"), value.get("path")
-    elif isinstance(value, bytes | bytearray):
-        data = bytes(value)
-    elif isinstance(value, str):
-        rel = value
+    data, rel = image_cell(value)
     if data:
         target = image_dir / (re.sub(r"[^A-Za-z0-9_.-]", "_", cid) + _image_suffix(data))
         if not target.exists() or target.stat().st_size != len(data):
