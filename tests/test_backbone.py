@@ -196,3 +196,12 @@ def test_same_seed_same_trainable_model():
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert any(not torch.equal(sa[k], sc[k]) for k in sa if "lora_A" in k)
+
+
+def test_long_text_is_cut_to_max_text_tokens_and_short_text_untouched():
+    b = build_input_builder("tiny", max_text_tokens=8)
+    short = "a red circle"
+    assert b._cut(short) == short
+    long = "two blue stars on the left of a large striped square with a dotted background " * 3
+    cut = b._cut(long)
+    assert long.startswith(cut.strip()) and len(b.tokenizer(cut, add_special_tokens=False)["input_ids"]) == 8

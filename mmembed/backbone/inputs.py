@@ -85,7 +85,9 @@ class InputBuilder:
         return self.processor.image_token
 
     def _cut(self, text: str | None) -> str | None:
-        if not text:
+        # Byte-level BPE: every token covers at least one UTF-8 byte, so a short text cannot exceed the cap and
+        # needs no extra tokenisation pass (this runs for every item in the loader workers).
+        if not text or len(text.encode("utf-8")) <= self.max_text_tokens:
             return text
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return text if len(ids) <= self.max_text_tokens else self.tokenizer.decode(ids[: self.max_text_tokens])

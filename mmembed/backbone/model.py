@@ -52,6 +52,18 @@ def resolve_vtc(name_or_path, vtc_factor: int | None, vtc_placement: str | None)
     return int(factor), placement
 
 
+def load_config(name_or_path: str | Path) -> InternVLConfig:
+    """The stock ``InternVLConfig`` of a preset or a checkpoint folder (no weights, tokenizer or image processor)."""
+    if _is_folder(name_or_path):
+        path = Path(name_or_path)
+        _check_folder(path)
+        return InternVLConfig.from_pretrained(path)
+    if str(name_or_path) not in PRESETS:
+        raise ValueError(f"unknown preset {name_or_path!r}; choose one of {sorted(PRESETS)} or a local folder")
+    tokenizer = _preset_tokenizer(PRESETS[str(name_or_path)].tokenizer_vocab)
+    return preset_config(str(name_or_path), len(tokenizer), tokenizer.context_image_token_id)
+
+
 def load_processor(name_or_path: str | Path, vtc_factor: int | None = None, image_seq_length: int | None = None):
     """Build (preset) or load (folder) the image-only InternVL processor, with ``image_seq_length`` set for VTC.
 
@@ -61,17 +73,12 @@ def load_processor(name_or_path: str | Path, vtc_factor: int | None = None, imag
         ValueError: ``image_seq_length`` was given and disagrees with what ``vtc_factor`` implies.
     """
     factor, _ = resolve_vtc(name_or_path, vtc_factor, None)
+    config = load_config(name_or_path)
     if _is_folder(name_or_path):
-        path = Path(name_or_path)
-        _check_folder(path)
-        config = InternVLConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        image_processor = GotOcr2ImageProcessorPil.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        image_processor = GotOcr2ImageProcessorPil.from_pretrained(name_or_path)
     else:
-        if str(name_or_path) not in PRESETS:
-            raise ValueError(f"unknown preset {name_or_path!r}; choose one of {sorted(PRESETS)} or a local folder")
         tokenizer = _preset_tokenizer(PRESETS[str(name_or_path)].tokenizer_vocab)
-        config = preset_config(str(name_or_path), len(tokenizer), tokenizer.context_image_token_id)
         size = config.vision_config.image_size
         image_processor = build_image_processor(size[0] if isinstance(size, list | tuple) else size)
     n = tokens_per_tile(config, factor)
@@ -212,7 +219,8 @@ def build_backbone(
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     ft = finetune if isinstance(finetune, FinetuneConfig) else FinetuneConfig(**(finetune or {"mode": "frozen"}))
-    _, config = load_processor(name_or_path, factor)
+    config = load_config(name_or_path)
+    tokens_per_tile(config, factor)  # a factor that does not divide the grid fails here, before any weight loads
     model = _load_model(name_or_path, config, ft.mode == "qlora", dtype, seed)
     # peft draws LoRA-A from the global RNG: seed it too, so the same seed gives the same trainable model.
     with torch.random.fork_rng(devices=[]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,15 @@ class BackboneModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.tile_policy = TilePolicy(**tile_policy) if tile_policy else None
         self._input_builder = input_builder
+        self.skip_counts: Counter[str] = Counter()
+
+    def log_skips(self, batch: dict[str, Any], batch_size: int) -> None:
+        """Accumulate the skipped-sample counts a batch carries from its loader worker; log running totals as
+        ``train/skipped/<reason>``."""
+        for reason, n in (batch.get("skipped") or {}).items():
+            self.skip_counts[reason] += int(n)
+        for reason, n in self.skip_counts.items():
+            self.log(f"train/skipped/{reason}", float(n), batch_size=batch_size)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
 from typing import Any
 
 import torch
@@ -36,7 +35,6 @@ class ContrastiveModule(BackboneModule):
         self.gradcache_chunk_size = gradcache_chunk_size
         self.gradient_clip_val = gradient_clip_val
         self.automatic_optimization = gradcache_chunk_size is None
-        self.skip_counts: Counter[str] = Counter()
         self._last_batch_end: float | None = None
 
     def _split(self, q: torch.Tensor, c: torch.Tensor, batch: dict[str, Any]):
@@ -64,10 +62,7 @@ class ContrastiveModule(BackboneModule):
         if stage == "train":
             self.log("train/num_negatives", float(out.num_negatives), batch_size=bs)
             self.log("train/hard_negatives_per_query", float(batch.get("num_negatives", 0)), batch_size=bs)
-            for reason, n in (batch.get("skipped") or {}).items():
-                self.skip_counts[reason] += int(n)
-            for reason, n in self.skip_counts.items():
-                self.log(f"train/skipped/{reason}", float(n), batch_size=bs)
+            self.log_skips(batch, bs)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         if self.automatic_optimization:

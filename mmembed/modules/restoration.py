@@ -32,8 +32,7 @@ class RestorationModule(BackboneModule):
         n_tokens = int((batch["labels"] != -100).sum())
         self.log("train/loss", loss, prog_bar=True, batch_size=int(batch["input_ids"].shape[0]))
         self.log("train/target_tokens", float(n_tokens), batch_size=int(batch["input_ids"].shape[0]))
-        for reason, n in (batch.get("skipped") or {}).items():
-            self.log(f"train/skipped/{reason}", float(n), reduce_fx="sum", batch_size=1)
+        self.log_skips(batch, int(batch["input_ids"].shape[0]))
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int):
