@@ -233,3 +233,19 @@ def test_count_expand_and_inspect(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["by_dataset"] == {"toy_other": 3}
     assert cli.main(["count", str(tmp_path / "zzz-*.tar")]) == 2
     assert "no shards match" in capsys.readouterr().out
+
+
+def test_extra_positives_round_trip_and_stay_out_of_the_original_layout(tmp_path):
+    plain, images = text_sample(0, negatives=1)
+    assert "extra_positives" not in plain.to_json()  # shards without judge data keep their bytes
+    curated = Sample(id="toy/x", dataset="toy_t2i", task="t2i", meta_task="retrieval", query=plain.query,
+                     positive=plain.positive, negatives=plain.negatives,
+                     extra_positives=[Side(image="xpos0.png", id="c7"), Side(text="also right", id="c9")])
+    extra = {**images, "xpos0.png": Image.new("RGB", (8, 8), (0, 255, 0))}
+    paths = write_shards([(curated, extra)], str(tmp_path / "c-%06d.tar"))
+    (dec,) = list(iter_decoded(paths))
+    assert dec.sample == curated
+    xs = dec.extra_positive_items()
+    assert xs[0].image.getpixel((0, 0)) == (0, 255, 0) and xs[1].text == "also right"
+    with pytest.raises(ValueError, match="xpos0.png"):
+        write_shards([(curated, images)], str(tmp_path / "d-%06d.tar"))

@@ -5,7 +5,8 @@ A sample is a query, one positive and optional negatives. In a WebDataset tar a 
 * ``K.json``      -- the metadata below (UTF-8 JSON),
 * ``K.query.png`` -- the query image, if any (any PIL-readable encoding; the extension says which),
 * ``K.pos.png``   -- the positive's image, if any,
-* ``K.neg{i}.png`` -- the i-th negative's image, if any.
+* ``K.neg{i}.png`` -- the i-th negative's image, if any,
+* ``K.xpos{i}.png`` -- the i-th extra positive's image, if any (judge-identified positives, paper §3.3-3.4).
 
 JSON layout::
 
@@ -13,9 +14,14 @@ JSON layout::
      "query":    {"instruction": "...", "text": "...", "image": "query.png" | null, "kind": "natural", "id": "..."},
      "positive": {"instruction": "...", "text": "...", "image": "pos.png"   | null, "kind": "natural", "id": "..."},
      "negatives": [{... "image": "neg0.png" | null ...}, ...],
+     "extra_positives": [{... "image": "xpos0.png" | null ...}, ...],
      "meta": {...free-form, e.g. synthetic attributes or planted false-negative ids...}}
 
 ``image`` in the JSON names the tar member's extension (the part after ``K.``); images are never base64 in JSON.
+
+``extra_positives`` holds candidates an MLLM judge found relevant although they are not the ground truth (stage-3
+curation). The contrastive loss never uses them (the ground truth stays the only positive); the reranker samples
+its positives from ``{positive} + extra_positives`` (the paper's augmented positive set).
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ class Sample:
     positive: Side
     negatives: list[Side] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    extra_positives: list[Side] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -62,7 +69,10 @@ class Sample:
             raise ValueError(f"unknown meta_task {self.meta_task!r} for sample {self.id!r}; use one of {META_TASKS}")
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.extra_positives:  # keep shards without judge data byte-identical to the original layout
+            d.pop("extra_positives")
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Sample:
@@ -75,4 +85,10 @@ class Sample:
             positive=Side(**d["positive"]),
             negatives=[Side(**n) for n in d.get("negatives", [])],
             meta=d.get("meta", {}),
+            extra_positives=[Side(**n) for n in d.get("extra_positives", [])],
         )
+
+    @property
+    def sides(self) -> list[Side]:
+        """Every side: query, positive, negatives, extra positives (the order images are checked in)."""
+        return [self.query, self.positive, *self.negatives, *self.extra_positives]

@@ -68,7 +68,7 @@ SKIP_REASONS = (
     "shard_error",  # any other tar-level error
 )
 
-_IMAGE_MEMBER = re.compile(r"^(query|pos|neg\d+)\.[a-z0-9]+$")
+_IMAGE_MEMBER = re.compile(r"^(query|pos|neg\d+|xpos\d+)\.[a-z0-9]+$")
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _SHARD_NAME = re.compile(r"^(.+)-(\d+)\.tar(?:\.gz)?$")
 _ENCODE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}
@@ -198,8 +198,7 @@ def encode_image(image: Image.Image, ext: str, png_compress_level: int = 6) -> b
 
 
 def _image_members(sample: Sample) -> list[str]:
-    sides = [sample.query, sample.positive, *sample.negatives]
-    return [s.image for s in sides if s.image is not None]
+    return [s.image for s in sample.sides if s.image is not None]
 
 
 def _validate_for_writing(sample: Sample, images: Mapping[str, Any]) -> None:
@@ -214,7 +213,7 @@ def _validate_for_writing(sample: Sample, images: Mapping[str, Any]) -> None:
             f"sample {sample.id!r}: its sides name images {sorted(wanted)} but {sorted(images)} were given; "
             "pass exactly one image per side whose Side.image is set"
         )
-    for side in (sample.query, sample.positive, *sample.negatives):
+    for side in sample.sides:
         if side.is_empty:
             raise ValueError(f"sample {sample.id!r}: a side has neither text nor image; drop the sample or fill it")
 
@@ -482,7 +481,7 @@ def decode_sample(
         sample = Sample.from_json(json.loads(data))
     except (ValueError, KeyError, TypeError, AttributeError) as exn:
         raise SkipSample("bad_json", repr(exn)) from exn
-    sides: list[Side] = [sample.query, sample.positive, *sample.negatives]
+    sides: list[Side] = sample.sides
     for side in sides:
         if side.kind not in ("natural", "document"):
             raise SkipSample("bad_json", f"side kind {side.kind!r} is not 'natural' or 'document'")
@@ -535,6 +534,10 @@ class DecodedSample:
             side_to_item(s.positive, self.images),
             [side_to_item(n, self.images) for n in s.negatives],
         )
+
+    def extra_positive_items(self) -> list[Item]:
+        """The judge-identified extra positives as Items (empty for shards without stage-3 curation)."""
+        return [side_to_item(p, self.images) for p in self.sample.extra_positives]
 
 
 def decode_samples(
@@ -637,8 +640,9 @@ def inspect_shards(urls: str | Sequence[str], n: int = 3, console: Any = None) -
         table = Table(title=f"{s.id}  [{s.dataset} | {s.task} | {s.meta_task}]  ({dec.url})", show_lines=False)
         for col in ("side", "kind", "instruction", "text", "image"):
             table.add_column(col)
-        names = ["query", "positive", *[f"neg{i}" for i in range(len(s.negatives))]]
-        for name, side in zip(names, [s.query, s.positive, *s.negatives]):
+        names = ["query", "positive", *[f"neg{i}" for i in range(len(s.negatives))],
+                 *[f"xpos{i}" for i in range(len(s.extra_positives))]]
+        for name, side in zip(names, s.sides):
             img = dec.images.get(side.image) if side.image else None
             img_desc = f"{side.image} {img.size[0]}x{img.size[1]}" if img is not None else "-"
             table.add_row(name, side.kind, _short(side.instruction, 40), _short(side.text), img_desc)
