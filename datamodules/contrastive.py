@@ -31,7 +31,6 @@ from datamodules.common import (
     worker_info,
 )
 from mmembed.backbone.inputs import InputBuilder
-from mmembed.backbone.model import build_input_builder
 from mmembed.data.shards import (
     DecodedSample,
     SkipCounter,
@@ -255,11 +254,8 @@ class ContrastiveDataModule(L.LightningDataModule):
         val_shards: Optional validation shards (no shuffling, no mixture, incomplete batches kept).
         val_samples_per_epoch: Validation queries per epoch over all ranks; required under DDP with ``val_shards``
             (equal batch counts); ``None`` on one process = one pass.
-        input_builder: Builds model inputs; ``None`` builds one in :meth:`setup` from ``backbone``, ``vtc_factor``
-            and ``tile_policy`` (so configs need not construct a processor).
-        backbone: Preset name or local checkpoint folder for the lazily built input builder.
-        vtc_factor: Visual-token compression factor of the lazily built input builder.
-        tile_policy: ``{"natural": 1, "document": 4}``-style tile caps for the lazily built input builder.
+        input_builder: The backbone's ``InputBuilder`` (``backbone.input_builder``: processor, templates and tile
+            policy that match its compression); the launcher passes it in. Required by :meth:`setup`.
         rank: Override the rank (tests, custom launchers); default from the Trainer / torch.distributed / env.
         world_size: Override the world size (with ``rank``).
         pin_memory: Passed to the DataLoader.
@@ -283,9 +279,6 @@ class ContrastiveDataModule(L.LightningDataModule):
         val_shards: str | list[str] | None = None,
         val_samples_per_epoch: int | None = None,
         input_builder: InputBuilder | None = None,
-        backbone: str = "tiny",
-        vtc_factor: int = 2,
-        tile_policy: dict | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         pin_memory: bool = False,
@@ -307,9 +300,6 @@ class ContrastiveDataModule(L.LightningDataModule):
         self.val_samples_per_epoch = val_samples_per_epoch
         self.seed = seed
         self.input_builder = input_builder
-        self.backbone = backbone
-        self.vtc_factor = vtc_factor
-        self.tile_policy = tile_policy
         self.pin_memory = pin_memory
         self._rank_override = (rank, world_size)
         self.rank, self.world_size = 0, 1
@@ -359,7 +349,8 @@ class ContrastiveDataModule(L.LightningDataModule):
             if self.val_samples_per_epoch is not None:
                 self.num_val_batches = max(1, self.val_samples_per_epoch // (self.world_size * self.batch_size))
         if self.input_builder is None:
-            self.input_builder = build_input_builder(self.backbone, self.vtc_factor, self.tile_policy)
+            raise ValueError("ContrastiveDataModule needs input_builder=backbone.input_builder (the processor and "
+                             "tiling that match the backbone); experiments/run.py passes it")
         self._configured = True
 
     def _resolve_mixture(self) -> dict[str, float] | None:

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.common import add_counts, resolve_world
-from mmembed.backbone.model import load_processor
+from mmembed.backbone.inputs import InputBuilder, tiling_kwargs
 from mmembed.data.shards import SkipCounter, SkipSample, open_image
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,7 @@ class ConversationEncoder:
     """
 
     def __init__(self, processor: Any, image_root: str | Path, max_tiles: int = 4, max_length: int = 2048) -> None:
-        if max_tiles < 1:
-            raise ValueError(f"max_tiles must be >= 1, got {max_tiles}")
+        self.tiling = tiling_kwargs(max_tiles)  # validates max_tiles
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_root = Path(image_root)
@@ -135,8 +134,7 @@ class ConversationEncoder:
             raise SkipSample("bad_json", f"record is a {type(record).__name__}, not an object")
         images = self.images(record)
         text = self.tokenizer.apply_chat_template(self.messages(record, len(images)), tokenize=False)
-        kwargs = {"crop_to_patches": self.max_tiles > 1, "max_patches": self.max_tiles, "min_patches": 1}
-        out = self.processor(text=[text], images=images or None, return_tensors="pt", **kwargs)
+        out = self.processor(text=[text], images=images or None, return_tensors="pt", **self.tiling)
         ids = out["input_ids"][0].tolist()
         labels = self.labels(ids)
         if len(ids) > self.max_length:
@@ -302,10 +300,8 @@ class InstructionDataModule(L.LightningDataModule):
         seed: Shuffling seed (the sampler adds the epoch).
         val_path: Optional validation JSON (same image root rules).
         val_image_root: Image root for ``val_path``; default its folder.
-        processor: The image-only InternVL processor; ``None`` builds one in :meth:`setup` from ``backbone`` and
-            ``vtc_factor``.
-        backbone: Preset name or checkpoint folder for the lazily built processor.
-        vtc_factor: Compression factor (sets the processor's tokens per tile).
+        input_builder: The backbone's ``InputBuilder`` (``backbone.input_builder``); its processor (tokens per tile
+            = the backbone's compression) renders the conversations. The launcher passes it in.
         rank: Override the rank (with ``world_size``); default from the Trainer / torch.distributed / env.
         world_size: Override the world size.
         pin_memory: Passed to the DataLoader.
@@ -323,22 +319,20 @@ class InstructionDataModule(L.LightningDataModule):
         seed: int = 0,
         val_path: str | None = None,
         val_image_root: str | None = None,
-        processor: Any = None,
-        backbone: str = "tiny",
-        vtc_factor: int = 2,
+        input_builder: InputBuilder | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["processor"])
+        self.save_hyperparameters(ignore=["input_builder"])
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.data_path, self.image_root = data_path, image_root
         self.val_path, self.val_image_root = val_path, val_image_root
         self.batch_size, self.max_tiles, self.max_length, self.pack = batch_size, max_tiles, max_length, pack
         self.num_workers, self.seed, self.pin_memory = num_workers, seed, pin_memory
-        self.processor, self.backbone, self.vtc_factor = processor, backbone, vtc_factor
+        self.processor = input_builder.processor if input_builder is not None else None
         self._rank_override = (rank, world_size)
         self.rank, self.world_size = 0, 1
         self.train_dataset: InstructionDataset | None = None
@@ -357,7 +351,8 @@ class InstructionDataModule(L.LightningDataModule):
         if self.train_dataset is not None:
             return
         if self.processor is None:
-            self.processor, _ = load_processor(self.backbone, self.vtc_factor)
+            raise ValueError("InstructionDataModule needs input_builder=backbone.input_builder (the processor that "
+                             "matches the backbone's compression); experiments/run.py passes it")
         self.train_dataset = self._dataset(self.data_path, self.image_root, "instruct")
         if len(self.train_dataset) < self.world_size * self.batch_size:
             raise ValueError(f"{self.data_path}: {len(self.train_dataset)} records cannot fill one batch of "

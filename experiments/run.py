@@ -130,7 +130,8 @@ def train(cfg: DictConfig, train_shards: str | None = None) -> dict[str, float]:
     backbone = instantiate(cfg.backbone)
     module = instantiate(cfg.module, backbone=backbone)
     data_kw = {"train_shards": train_shards} if train_shards else {}
-    datamodule = instantiate(cfg.data, **data_kw)
+    # The one preprocessing object: the backbone's input builder (its compression, processor and tile policy).
+    datamodule = instantiate(cfg.data, input_builder=backbone.input_builder, **data_kw)
     logger = _logger(cfg)
     callbacks = _callbacks(cfg, has_logger=logger is not None)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger or False)
@@ -204,10 +205,8 @@ def mine(cfg: DictConfig, checkpoint: str | None = None) -> Path:
     ckpt = checkpoint or cfg.mining.checkpoint
     if ckpt:
         embedder = Embedder.from_pretrained(ckpt)
-    else:
-        b = cfg.backbone
-        embedder = Embedder.from_pretrained(b.name_or_path, vtc_factor=b.vtc_factor, vtc_placement=b.vtc_placement,
-                                            tile_policy=OmegaConf.to_container(cfg.data.tile_policy), seed=cfg.seed)
+    else:  # the configured backbone, frozen (mining never trains)
+        embedder = Embedder(instantiate(cfg.backbone, finetune=None).eval())
     m = cfg.mining
     summary = mine_hard_negatives(embedder, m.shards, m.out_dir, strategy=m.strategy, window=tuple(m.window), n=m.n,
                                   k=m.k, seed=cfg.seed, batch_size=m.batch_size)

@@ -10,7 +10,7 @@ import torch
 from rich.progress import track
 
 from mmembed.backbone.inputs import InputBuilder, TilePolicy
-from mmembed.backbone.model import MMEMBED_CONFIG, VTCBackbone, build_backbone, build_input_builder, resolve_vtc
+from mmembed.backbone.model import MMEMBED_CONFIG, VTCBackbone, build_backbone
 from mmembed.backbone.vtc import tokens_per_tile
 from mmembed.types import Item, Role
 
@@ -19,10 +19,12 @@ class Embedder:
     """Encodes ``Item`` s into L2-normalised embeddings with a VTC InternVL3 backbone.
 
     Build it with ``Embedder.from_pretrained(preset_or_folder, vtc_factor=2)``; wrap an existing (e.g. trained)
-    backbone with ``Embedder(backbone, input_builder)``.
+    backbone with ``Embedder(backbone)`` (it uses the backbone's own input builder unless one is given).
     """
 
-    def __init__(self, module: VTCBackbone, input_builder: InputBuilder) -> None:
+    def __init__(self, module: VTCBackbone, input_builder: InputBuilder | None = None) -> None:
+        if input_builder is None:
+            input_builder = module.input_builder
         module.check_processor(input_builder.processor)
         self.module = module
         self.input_builder = input_builder
@@ -43,19 +45,10 @@ class Embedder:
             seed: init seed for presets.
             **builder_kwargs: ``use_chat_template``, ``max_text_tokens`` for the ``InputBuilder``.
         """
-        from mmembed.backbone.model import _saved_settings
-
-        saved = _saved_settings(name_or_path)
-        if tile_policy is None and "tile_policy" in saved:
-            tile_policy = TilePolicy(**saved["tile_policy"])
-        for key in ("use_chat_template", "max_text_tokens"):
-            if key in saved:
-                builder_kwargs.setdefault(key, saved[key])
-        factor, placement = resolve_vtc(name_or_path, vtc_factor, vtc_placement)
-        module = build_backbone(name_or_path, factor, placement, finetune=None, dtype=dtype, seed=seed)
-        builder = build_input_builder(name_or_path, factor, tile_policy, **builder_kwargs)
+        module = build_backbone(name_or_path, vtc_factor, vtc_placement, finetune=None, dtype=dtype, seed=seed,
+                                tile_policy=tile_policy, **builder_kwargs)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return cls(module.to(device).eval(), builder)
+        return cls(module.to(device).eval())
 
     @property
     def backbone(self):

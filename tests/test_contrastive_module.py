@@ -70,6 +70,7 @@ def test_candidate_layout_is_checked():
         module(batch)
 
 
+@pytest.mark.e2e
 def test_ddp_two_processes_equal_one_process_global_batch(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     script = ROOT / "tests" / "scripts" / "ddp_contrastive.py"

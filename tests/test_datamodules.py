@@ -260,7 +260,7 @@ def _assistant_text(conv: str, tok) -> str:
 
 def test_instruction_labels_train_only_assistant_replies(tmp_path, builder):
     path = _instruct(tmp_path)
-    dm = InstructionDataModule(str(path), batch_size=2, num_workers=0, processor=builder.processor, max_tiles=4)
+    dm = InstructionDataModule(str(path), batch_size=2, num_workers=0, input_builder=builder, max_tiles=4)
     dm.setup("fit")
     ds, tok = dm.train_dataset, builder.tokenizer
     image_ids = set(tok.convert_tokens_to_ids(["<img>", "</img>", "<IMG_CONTEXT>"]))
@@ -292,7 +292,7 @@ def test_instruction_packing_isolates_conversations(tmp_path, builder):
     from mmembed.backbone import build_backbone
 
     path = _instruct(tmp_path)
-    dm = InstructionDataModule(str(path), batch_size=3, processor=builder.processor, pack=True, max_length=512)
+    dm = InstructionDataModule(str(path), batch_size=3, input_builder=builder, pack=True, max_length=512)
     dm.setup("fit")
     items = [dm.train_dataset[i] for i in (0, 1, 2)]
     packed = dm.collate()(items)

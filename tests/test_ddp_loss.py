@@ -130,6 +130,7 @@ def ddp_results(tmp_path_factory) -> dict:
     return [torch.load(out / f"ddp{r}.pt") for r in range(2)]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_two_ranks_equal_one_process(ddp_results, name):
     sizes, n, mask, _ = SCENARIOS[name]
@@ -151,6 +152,7 @@ def test_masking_changes_the_loss():
         assert _loss(model, xq, xp, xn, pos_ids, neg_ids, True) != _loss(model, xq, xp, xn, pos_ids, neg_ids, False)
 
 
+@pytest.mark.e2e
 def test_gather_rows_concatenates_uneven_blocks_and_sums_gradients(ddp_results):
     w = torch.arange(6.0).reshape(3, 2)
     for res in ddp_results:

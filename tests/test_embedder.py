@@ -33,7 +33,7 @@ def test_encode_shape_norm_order_and_batch_invariance(tiny_embedder, images):
     assert batched.shape == (5, tiny_embedder.embed_dim) and batched.dtype == torch.float32
     torch.testing.assert_close(batched.norm(dim=-1), torch.ones(5))
     alone = torch.cat([tiny_embedder.encode([it], role="query") for it in items])
-    assert (alone - batched).abs().max() < 1e-4
+    assert (alone - batched).abs().max() < 1e-5  # docs/ARCHITECTURE.md states this bound
     # Different batch sizes reorder by length internally; output order must still follow the input.
     torch.testing.assert_close(tiny_embedder.encode(items, batch_size=2), batched, atol=1e-4, rtol=0)
 

@@ -30,6 +30,7 @@ def _client(tmp_path: Path):
     return MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'logs' / 'mlflow.db'}")
 
 
+@pytest.mark.e2e
 def test_train_run_logs_to_mlflow_and_saves_embedder(tmp_path):
     _run(tmp_path, ["+exp=stage2_warmup", *SHORT])
     assert (tmp_path / "data" / "synth_ci_s0" / "manifest.json").is_file()  # generated on first use
@@ -48,6 +49,7 @@ def test_train_run_logs_to_mlflow_and_saves_embedder(tmp_path):
     assert emb.encode([Item(text="a red circle")]).shape == (1, 64)
 
 
+@pytest.mark.e2e
 def test_bad_override_is_one_line(tmp_path):
     env = {**os.environ, "MMEMBED_ROOT": str(tmp_path)}
     r = subprocess.run([sys.executable, str(RUN), "task=fly", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, env=env,
@@ -56,6 +58,7 @@ def test_bad_override_is_one_line(tmp_path):
     assert "config error: task='fly'" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.e2e
 def test_multirun_sweep_makes_parent_with_children(tmp_path):
     _run(tmp_path, ["-m", "+exp=ablation_lora_r8,ablation_lora_r16", *SHORT, "save_embedder=false"])
     client = _client(tmp_path)
@@ -96,6 +99,7 @@ def test_quickstart_improves_retrieval(tmp_path):
     assert "results" in r.stdout
 
 
+@pytest.mark.e2e
 def test_checkpoint_on_main_metric_and_resume(tmp_path):
     import torch
 

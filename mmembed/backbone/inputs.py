@@ -27,6 +27,21 @@ class TilePolicy:
     def max_tiles(self, kind: str) -> int:
         return self.document if kind == "document" else self.natural
 
+    def processor_kwargs(self, kind: str) -> dict:
+        """The image-processor arguments that apply this policy to an item of ``kind``."""
+        return tiling_kwargs(self.max_tiles(kind))
+
+
+def tiling_kwargs(max_tiles: int) -> dict:
+    """InternVL dynamic-tiling arguments of the stock image processor for a tile cap (thumbnail added when > 1).
+
+    The one home of how a tile cap becomes processor arguments: embedding inputs (``TilePolicy``) and stage-1
+    conversations (``datamodules.instruction``) both call it.
+    """
+    if max_tiles < 1:
+        raise ValueError(f"max_tiles must be >= 1, got {max_tiles}")
+    return {"crop_to_patches": max_tiles > 1, "max_patches": max_tiles, "min_patches": 1}
+
 
 def load_image(image: Image.Image | str | Path, what: str = "image") -> Image.Image:
     """Open a PIL image or path as RGB, with a one-line error naming the path on failure."""
@@ -101,8 +116,7 @@ class InputBuilder:
                                                   add_generation_prompt=True)
 
     def _image_kwargs(self, kind: str) -> dict:
-        n = self.tile_policy.max_tiles(kind)
-        return {"crop_to_patches": n > 1, "max_patches": n, "min_patches": 1}
+        return self.tile_policy.processor_kwargs(kind)
 
     def encode_one(self, item: Item, role: Role, index: int = 0) -> dict:
         """Tokenize one item; returns ``input_ids`` (list), ``pixel_values`` (tensor or None), ``num_tiles``."""

@@ -35,16 +35,19 @@ def _check_folder(path: Path) -> None:
         raise FileNotFoundError(f"{path}: no *.safetensors weights in this folder; this kit loads safetensors only")
 
 
-def _saved_settings(name_or_path) -> dict:
+def saved_settings(name_or_path) -> dict:
+    """What an mmembed-saved folder recorded in ``mmembed.json`` (VTC, tiling, prompt settings); ``{}`` otherwise."""
     if not _is_folder(name_or_path):
         return {}
     f = Path(name_or_path) / MMEMBED_CONFIG
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
-def resolve_vtc(name_or_path, vtc_factor: int | None, vtc_placement: str | None) -> tuple[int, str]:
-    """Explicit arguments win; else what an mmembed-saved folder recorded; else the paper's (2, pre_shuffle)."""
-    saved = _saved_settings(name_or_path)
+def resolve_vtc(name_or_path, vtc_factor: int | None, vtc_placement: str | None,
+                saved: dict | None = None) -> tuple[int, str]:
+    """Explicit arguments win; else what an mmembed-saved folder recorded (``saved``, read here when not given);
+    else the paper's (2, pre_shuffle)."""
+    saved = saved_settings(name_or_path) if saved is None else saved
     factor = vtc_factor if vtc_factor is not None else saved.get("vtc_factor", DEFAULT_VTC_FACTOR)
     placement = vtc_placement or saved.get("vtc_placement", DEFAULT_PLACEMENT)
     if placement not in PLACEMENTS:
@@ -72,7 +75,7 @@ def load_processor(name_or_path: str | Path, vtc_factor: int | None = None, imag
     Raises:
         ValueError: ``image_seq_length`` was given and disagrees with what ``vtc_factor`` implies.
     """
-    factor, _ = resolve_vtc(name_or_path, vtc_factor, None)
+    factor = vtc_factor if vtc_factor is not None else resolve_vtc(name_or_path, None, None)[0]
     config = load_config(name_or_path)
     if _is_folder(name_or_path):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
@@ -133,20 +136,35 @@ def _load_model(name_or_path, config: InternVLConfig, quantize_4bit: bool, dtype
 class VTCBackbone(nn.Module):
     """A stock ``InternVLForConditionalGeneration`` with visual token compression, plus last-token embedding.
 
+    It also carries the one ``InputBuilder`` (processor + templates + tiling) that matches its compression: every
+    consumer — DataModules, the LightningModules' ``Embedder`` view, mining, export — takes it from here, so the
+    compression factor reaches the processor one way only (``build_backbone`` builds both from the same settings).
+
     Args:
         model: the transformers model (plain, peft-wrapped, or 4-bit).
         vtc_factor: compression factor ``s`` (1 = native InternVL3, 2 = paper, 4).
         vtc_placement: ``pre_shuffle`` (default) or ``post_shuffle``; see ``mmembed.backbone.vtc``.
+        input_builder: the matching input builder; checked against the compression here.
     """
 
     def __init__(self, model: nn.Module, vtc_factor: int = DEFAULT_VTC_FACTOR,
-                 vtc_placement: str = DEFAULT_PLACEMENT) -> None:
+                 vtc_placement: str = DEFAULT_PLACEMENT, input_builder: InputBuilder | None = None) -> None:
         super().__init__()
         self.model = model
         self.vtc_factor = vtc_factor
         self.vtc_placement = vtc_placement
         self.tokens_per_tile = apply_vtc(self.internvl, vtc_factor, vtc_placement)
-        self.source: str | None = None
+        if input_builder is not None:
+            self.check_processor(input_builder.processor)
+        self._input_builder = input_builder
+
+    @property
+    def input_builder(self) -> InputBuilder:
+        """The ``InputBuilder`` built with this backbone (same processor, compression and tile policy)."""
+        if self._input_builder is None:
+            raise ValueError("this VTCBackbone was built without an input builder; build it with build_backbone() or "
+                             "pass input_builder=build_input_builder(<preset or folder>, vtc_factor=...)")
+        return self._input_builder
 
     @property
     def hf_model(self) -> InternVLForConditionalGeneration:
@@ -202,8 +220,14 @@ def build_backbone(
     finetune: FinetuneConfig | dict | None = None,
     dtype: torch.dtype | str | None = None,
     seed: int = 0,
+    tile_policy: TilePolicy | dict | None = None,
+    use_chat_template: bool | None = None,
+    max_text_tokens: int | None = None,
 ) -> VTCBackbone:
-    """Build the shared backbone from a preset name (random init, seeded) or a local checkpoint folder.
+    """Build the shared backbone — model and its ``InputBuilder`` — from a preset (random init, seeded) or a folder.
+
+    Every setting left ``None`` takes what an mmembed-saved folder recorded in ``mmembed.json`` (read once here),
+    else the paper's default.
 
     Args:
         name_or_path: preset (``tiny``, ``mini``, ``internvl3_1b``, ``internvl3_2b``, ``internvl3_8b``) or a folder
@@ -214,27 +238,39 @@ def build_backbone(
         dtype: parameter dtype (e.g. ``torch.bfloat16`` or ``"bfloat16"``); default fp32 for presets, the
             checkpoint's own for folders.
         seed: init seed for presets.
+        tile_policy: tile caps per item kind (default natural 1 / document 4, paper §5.2).
+        use_chat_template: wrap prompts in the tokenizer's chat template (default True).
+        max_text_tokens: cap on an item's free text (default 256).
     """
-    factor, placement = resolve_vtc(name_or_path, vtc_factor, vtc_placement)
+    saved = saved_settings(name_or_path)
+    factor, placement = resolve_vtc(name_or_path, vtc_factor, vtc_placement, saved)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     ft = finetune if isinstance(finetune, FinetuneConfig) else FinetuneConfig(**(finetune or {"mode": "frozen"}))
     config = load_config(name_or_path)
     tokens_per_tile(config, factor)  # a factor that does not divide the grid fails here, before any weight loads
+    builder = build_input_builder(
+        name_or_path, factor,
+        tile_policy if tile_policy is not None else saved.get("tile_policy"),
+        use_chat_template if use_chat_template is not None else saved.get("use_chat_template", True),
+        max_text_tokens if max_text_tokens is not None else saved.get("max_text_tokens", 256),
+    )
     model = _load_model(name_or_path, config, ft.mode == "qlora", dtype, seed)
     # peft draws LoRA-A from the global RNG: seed it too, so the same seed gives the same trainable model.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = apply_finetuning(model, ft)
-    backbone = VTCBackbone(model, factor, placement)
-    backbone.source = str(name_or_path)  # lets modules rebuild the matching InputBuilder
-    return backbone
+    return VTCBackbone(model, factor, placement, input_builder=builder)
 
 
 def build_input_builder(name_or_path: str | Path = "tiny", vtc_factor: int | None = None,
                         tile_policy: TilePolicy | dict | None = None, use_chat_template: bool = True,
                         max_text_tokens: int = 256) -> InputBuilder:
-    """The input builder (templates + processor + tiling) that goes with ``build_backbone(name_or_path, ...)``."""
+    """The input builder (templates + processor + tiling) for ``name_or_path`` at ``vtc_factor``, without a model.
+
+    ``build_backbone`` calls this for the builder it attaches to the backbone; call it directly only where no
+    model is needed (tools that only tokenise, tests of the data layer).
+    """
     processor, _ = load_processor(name_or_path, vtc_factor)
     policy = tile_policy if isinstance(tile_policy, TilePolicy) or tile_policy is None else TilePolicy(**tile_policy)
     return InputBuilder(processor, policy, use_chat_template=use_chat_template, max_text_tokens=max_text_tokens)

@@ -20,6 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from mmembed.cli_args import add_model_arguments, embedder_from_args
 from mmembed.eval.benchmarks import VISDOC_GROUP_TITLES
 from mmembed.eval.runner import BenchmarkResult
 
@@ -32,14 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmembed-eval", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="benchmark", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", required=True, help="preset name (e.g. tiny) or local model folder")
+    add_model_arguments(common)
     common.add_argument("--data", required=True, type=Path, help="data folder (or a synthetic-world root)")
     common.add_argument("--out", required=True, type=Path, help="output folder for run files, metrics.json, plot")
     common.add_argument("--batch-size", type=int, default=16)
     common.add_argument("--max-queries", type=int, default=None, help="only the first N queries of every set")
     common.add_argument("--run-depth", type=int, default=100, help="candidates per query in the run files")
-    common.add_argument("--vtc-factor", type=int, default=None, help="override the model's compression factor")
-    common.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     mmeb = sub.add_parser("mmeb", parents=[common], help="MMEB: Precision@1 over each query's own candidates")
     mmeb.add_argument("--image-root", type=Path, default=None, help="folder the parquet image paths are relative to")
     mmeb.add_argument("--version", choices=("v2", "v1"), default="v2", help="MMEB parquet columns")
@@ -73,11 +72,8 @@ def result_table(result: BenchmarkResult) -> Table:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Heavy imports (torch, transformers) only once the arguments are known to be valid.
-    from mmembed.embedder import Embedder
-
     console = Console()
-    embedder = Embedder.from_pretrained(args.model, vtc_factor=args.vtc_factor, device=args.device)
+    embedder = embedder_from_args(args)  # heavy imports (torch, transformers) only now the arguments are valid
     extra = {"model": str(args.model), "data": str(args.data)}
     if args.benchmark == "mmeb":
         from mmembed.eval.mmeb import evaluate_mmeb

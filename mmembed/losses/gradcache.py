@@ -19,11 +19,11 @@ Use in a LightningModule (the module decides whether to cache; nothing here is o
 
     def training_step(self, batch, batch_idx):          # automatic_optimization = False
         opt = self.optimizers()
-        b, n = batch["num_queries"], batch["num_negatives"]
+        b, n = batch["query"]["input_ids"].shape[0], batch["num_negatives"]   # ContrastiveDataModule's layout
         out = gradcache_step(
-            [self.encode_query, self.encode_candidate],
-            [batch["query"], batch["candidates"]],        # candidates: b positives, then b * n negatives
-            lambda q, c: self.loss(q, c[:b], c[b:].view(b, n, -1)),
+            lambda chunk: self.backbone.embed(**chunk),
+            [batch["query"], batch["candidate"]],         # candidate: b positives, then b * n negatives
+            lambda q, c: self.loss(q, c[:b], c[b:].view(b, n, -1) if n else None).loss,
             chunk_size=self.hparams.gradcache_chunk_size,
             backward_fn=self.manual_backward,             # precision plugins scale the surrogate
             no_sync=getattr(self.trainer.strategy, "block_backward_sync", None),

@@ -21,10 +21,12 @@ import os
 import sys
 from collections.abc import Sequence
 
+from mmembed.cli_args import add_model_arguments, embedder_from_args
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mmembed.mining.cli", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="preset name (e.g. tiny) or local model folder")
+    add_model_arguments(parser)
     parser.add_argument("--shards", required=True, nargs="+", help="input shards: directory, glob or brace pattern")
     parser.add_argument("--out", required=True, help="output folder (shards/, manifest.jsonl, summary.json)")
     parser.add_argument("--strategy", choices=("window", "rule"), default="window")
@@ -38,8 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=("exact", "faiss"), default="exact")
     parser.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))
     parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
-    parser.add_argument("--vtc-factor", type=int, default=None, help="override the model's compression factor")
-    parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available; per rank)")
     return parser
 
 
@@ -49,13 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Heavy imports (torch, transformers) only once the arguments are known to be valid.
     import torch
 
-    from mmembed.embedder import Embedder
     from mmembed.mining.mine import mine_hard_negatives
 
     device = args.device
     if device is None and torch.cuda.is_available() and args.world_size > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', args.rank)) % torch.cuda.device_count()}"
-    embedder = Embedder.from_pretrained(args.model, vtc_factor=args.vtc_factor, device=device)
+    embedder = embedder_from_args(args, device=device)
     summary = mine_hard_negatives(
         embedder, args.shards, args.out, strategy=args.strategy, window=tuple(args.window), n=args.n, k=args.k,
         seed=args.seed, batch_size=args.batch_size, maxcount=args.maxcount, world_size=args.world_size,

@@ -9,8 +9,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from mmembed.backbone.inputs import InputBuilder, TilePolicy
-from mmembed.backbone.model import VTCBackbone, build_input_builder
+from mmembed.backbone.inputs import InputBuilder
+from mmembed.backbone.model import VTCBackbone
 
 
 class BackboneModule(L.LightningModule):
@@ -21,19 +21,16 @@ class BackboneModule(L.LightningModule):
         optimizer: ``functools.partial`` of a torch optimiser taking ``params`` (Hydra ``_partial_: true``).
         scheduler: optional partial taking ``optimizer`` and ``num_training_steps`` (e.g.
             ``transformers.get_cosine_schedule_with_warmup`` with ``num_warmup_steps`` bound); stepped per step.
-        tile_policy: tiling for the ``Embedder`` view used by eval callbacks.
-        input_builder: explicit builder for the ``Embedder`` view (default: rebuilt from the backbone's source).
+
+    Preprocessing (processor, templates, tiling) is the backbone's ``input_builder``: the module never builds one.
     """
 
     def __init__(self, backbone: VTCBackbone, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-                 scheduler: Callable[..., Any] | None = None, tile_policy: dict | None = None,
-                 input_builder: InputBuilder | None = None) -> None:
+                 scheduler: Callable[..., Any] | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.tile_policy = TilePolicy(**tile_policy) if tile_policy else None
-        self._input_builder = input_builder
         self.skip_counts: Counter[str] = Counter()
 
     def log_skips(self, batch: dict[str, Any], batch_size: int) -> None:
@@ -60,15 +57,11 @@ class BackboneModule(L.LightningModule):
 
     @property
     def input_builder(self) -> InputBuilder:
-        if self._input_builder is None:
-            if self.backbone.source is None:
-                raise ValueError("pass input_builder= to the module: the backbone does not record its source")
-            self._input_builder = build_input_builder(self.backbone.source, self.backbone.vtc_factor,
-                                                      self.tile_policy)
-        return self._input_builder
+        """The backbone's input builder (the one the DataModule's collate uses too)."""
+        return self.backbone.input_builder
 
     def embedder(self):
         """An ``Embedder`` sharing this module's (training) backbone, for evaluation callbacks and export."""
         from mmembed.embedder import Embedder
 
-        return Embedder(self.backbone, self.input_builder)
+        return Embedder(self.backbone)

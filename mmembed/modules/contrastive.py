@@ -19,7 +19,7 @@ class ContrastiveModule(BackboneModule):
     ``num_negatives`` n, optional ``pos_ids``/``neg_ids`` (duplicate masking) and ``skipped`` counts.
 
     Args:
-        backbone, optimizer, scheduler, tile_policy, input_builder: see ``BackboneModule``.
+        backbone, optimizer, scheduler: see ``BackboneModule``.
         loss: the InfoNCE settings (temperature 0.03, gather across devices, duplicate masking).
         gradcache_chunk_size: items per chunk for gradient caching (None = off). Switches to manual optimisation;
             gradient clipping then uses ``gradient_clip_val`` given here instead of the Trainer's.
@@ -27,10 +27,9 @@ class ContrastiveModule(BackboneModule):
     """
 
     def __init__(self, backbone, loss: InfoNCELoss | None = None, optimizer=None, scheduler=None,
-                 tile_policy: dict | None = None, input_builder=None, gradcache_chunk_size: int | None = None,
-                 gradient_clip_val: float | None = 1.0) -> None:
-        super().__init__(backbone, optimizer, scheduler, tile_policy, input_builder)
-        self.save_hyperparameters(ignore=["backbone", "loss", "input_builder", "optimizer", "scheduler"])
+                 gradcache_chunk_size: int | None = None, gradient_clip_val: float | None = 1.0) -> None:
+        super().__init__(backbone, optimizer, scheduler)
+        self.save_hyperparameters(ignore=["backbone", "loss", "optimizer", "scheduler"])
         self.loss = loss or InfoNCELoss()
         self.gradcache_chunk_size = gradcache_chunk_size
         self.gradient_clip_val = gradient_clip_val

@@ -15,10 +15,9 @@ class RestorationModule(BackboneModule):
     the model when ``labels`` are passed; the paper trains all parameters here (``finetune.mode: full``).
     """
 
-    def __init__(self, backbone, optimizer=None, scheduler=None, tile_policy: dict | None = None,
-                 input_builder=None) -> None:
-        super().__init__(backbone, optimizer, scheduler, tile_policy, input_builder)
-        self.save_hyperparameters(ignore=["backbone", "input_builder", "optimizer", "scheduler"])
+    def __init__(self, backbone, optimizer=None, scheduler=None) -> None:
+        super().__init__(backbone, optimizer, scheduler)
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
 
     def _loss(self, batch: dict[str, Any]):
         # position_ids: packed batches restart positions per conversation and carry no attention mask; the stock
