@@ -7,11 +7,11 @@ import random
 import numpy as np
 import pytest
 import torch
+from mmembed.backbone.pixels import tile_pixels
 from PIL import Image
 
 from mmembed import Item
 from mmembed.backbone import build_input_builder
-from mmembed.backbone.pixels import tile_pixels
 from mmembed.data.synth import documents, scenes
 
 # One 8-bit level after normalisation by the smallest std (0.225): what a rounding tie can move a pixel by.
