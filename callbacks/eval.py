@@ -1,10 +1,11 @@
 """Lightning callbacks that run the MMEB / VisDoc runners during training and log the scores.
 
 When: every ``every_n_train_steps`` optimizer steps (``on_train_batch_end``), every ``every_n_epochs`` epochs
-(``on_train_epoch_end``), before training (``eval_at_start``, ``on_train_start``) and after it (``eval_at_end``,
-``on_train_end``; skipped when the last step was just evaluated). The model is the LightningModule's own backbone,
-seen through ``pl_module.embedder() -> mmembed.Embedder`` (``mmembed.modules.base.BackboneModule`` provides it);
-``Embedder.encode`` runs in eval mode under ``no_grad`` and restores training mode afterwards.
+(``on_train_epoch_end``), before training (``eval_at_start``, ``on_train_start``; not again when resuming) and after
+it (``eval_at_end``, ``on_train_end``; skipped when the last step was just evaluated). The model is the
+LightningModule's own backbone, seen through ``pl_module.embedder() -> mmembed.Embedder``
+(``mmembed.modules.base.BackboneModule`` provides it); ``Embedder.encode`` runs in eval mode under ``no_grad`` and
+restores training mode afterwards.
 
 Where the numbers go, for a result with keys ``val/mmeb/<subset>``, ``val/mmeb/<meta_task>``, ``val/mmeb/ind|ood``,
 ``val/mmeb/overall`` (VisDoc: ``val/visdoc/<set>``, ``val/visdoc/<collection>``, ``val/visdoc/overall``), x100:
