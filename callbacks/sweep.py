@@ -63,13 +63,20 @@ class MLflowSweepCallback(Callback):
     """See the module docstring. Summarises ``sweep.param`` (or the first swept key) on ``sweep.metrics``."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
         from mmembed.tracking import start_sweep
 
-        settings = mlflow_settings(config)
-        if settings is None:
-            return
-        swept, jobs = swept_overrides(config)
-        start_sweep(sweep_dir=config.hydra.sweep.dir, swept=swept, num_jobs=jobs, **settings)
+        if not HydraConfig.initialized():  # the logger's paths interpolate ${hydra:runtime.cwd}
+            HydraConfig.instance().set_config(config)
+        try:
+            settings = mlflow_settings(config)
+            if settings is None:
+                return
+            swept, jobs = swept_overrides(config)
+            start_sweep(sweep_dir=config.hydra.sweep.dir, swept=swept, num_jobs=jobs, **settings)
+        except Exception as e:  # noqa: BLE001 -- the jobs still create the parent themselves (timestamp name)
+            log.warning("could not create the sweep's MLflow parent run up front: %s", e)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
@@ -103,12 +110,15 @@ class MLflowSweepCallback(Callback):
         settings = mlflow_settings(config)
         if settings is None:
             return
-        parent = tracking.get_or_create_sweep_parent(sweep_dir=config.hydra.sweep.dir, **settings)
-        uri = settings["tracking_uri"] or tracking.default_tracking_uri(settings["output_dir"])
-        # The jobs' configs (e.g. an exp file's sweep.param) decided the param; the parent remembers it.
-        param = tracking.swept_param_of(parent, uri) or tracking.resolve_swept_param(
-            config.sweep.get("param"), tracking.swept_keys(parent, uri))
-        tracking.update_sweep_parent(parent, param, list(config.sweep.metrics), tracking_uri=uri, final=True)
+        try:
+            parent = tracking.get_or_create_sweep_parent(sweep_dir=config.hydra.sweep.dir, **settings)
+            uri = settings["tracking_uri"] or tracking.default_tracking_uri(settings["output_dir"])
+            # The jobs' configs (e.g. an exp file's sweep.param) decided the param; the parent remembers it.
+            param = tracking.swept_param_of(parent, uri) or tracking.resolve_swept_param(
+                config.sweep.get("param"), tracking.swept_keys(parent, uri))
+            tracking.update_sweep_parent(parent, param, list(config.sweep.metrics), tracking_uri=uri, final=True)
+        except Exception as e:  # noqa: BLE001 -- the jobs' own results are in; only the parent's summary is missing
+            log.warning("could not close the sweep's MLflow parent run: %s", e)
 
 
 def _job_run_id(config: DictConfig) -> str | None:

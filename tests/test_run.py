@@ -142,3 +142,54 @@ def test_checkpoint_on_main_metric_and_resume(tmp_path):
                     f"ckpt_path={tmp_path}/first/checkpoints/last.ckpt"])
     resumed = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert resumed["global_step"] == 4  # continued from step 2, not restarted
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_matches_the_uninterrupted_run_and_continues_its_mlflow_run(tmp_path):
+    """LoRA dropout on, a checkpoint every 2 steps: kill -9 after the first one, resume with ckpt_path -> the same
+    per-step losses and final scores as a run that was never interrupted, logged to the same MLflow run."""
+    import signal
+    import time
+
+    import torch
+
+    tiny_eval = ["callbacks.mmeb.max_queries=2", "callbacks.visdoc.max_queries=2", "callbacks.mmeb.eval_at_start=false",
+                 "callbacks.visdoc.eval_at_start=false", "callbacks.mmeb.every_n_train_steps=2",
+                 "callbacks.mmeb.subsets=[synth_cls_color,synth_ret_t2i]", "backbone.finetune.lora_dropout=0.3"]
+    base = ["+exp=stage2_warmup", *[a for a in SHORT if a not in ("callbacks=none", "trainer.max_steps=2")],
+            *tiny_eval, "save_embedder=false", "trainer.max_steps=6"]
+    _run(tmp_path, base)  # the uninterrupted run
+    (tmp_path / "run").rename(tmp_path / "full")
+    env = {**os.environ, "MMEMBED_ROOT": str(tmp_path), "OMP_NUM_THREADS": "2"}
+    cmd = [sys.executable, str(RUN), *base, f"hydra.run.dir={tmp_path}/run"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 600
+    while not last.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # let the checkpoint file be written completely
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    ckpt = tmp_path / "killed.ckpt"
+    ckpt.write_bytes(last.read_bytes())
+    k = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+    assert 2 <= k < 6
+    _run(tmp_path, [*base, f"ckpt_path={ckpt}"])
+
+    client = _client(tmp_path)
+    runs = client.search_runs([client.get_experiment_by_name("mmembed").experiment_id],
+                              order_by=["attributes.start_time ASC"])
+    assert len(runs) == 2  # the resume continued the killed run instead of opening a third
+    full, resumed = runs
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["mmembed.resumed"] == "1"
+
+    def last_per_step(run, key):
+        return {m.step: m.value for m in sorted(client.get_metric_history(run.info.run_id, key),
+                                                key=lambda m: m.timestamp)}
+
+    losses_full, losses_resumed = last_per_step(full, "train/loss"), last_per_step(resumed, "train/loss")
+    assert sorted(losses_full) == sorted(losses_resumed) and len(losses_full) >= 6
+    assert losses_resumed == losses_full
+    for key in ("val/mmeb/overall", "val/visdoc/overall"):
+        assert resumed.data.metrics[key] == full.data.metrics[key], key
