@@ -251,8 +251,14 @@ def make_mlflow_logger(
         exp_id = get_or_create_experiment(client, experiment_name, artifact_location)
         mark_stale_runs(client, exp_id)
         if run_id is not None:
-            reopen_run(client, run_id)
-        elif parent_run_id is None and sweep_dir is not None:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                reopen_run(client, run_id)
+            except MlflowException as e:  # e.g. the checkpoint was written against another store
+                warnings.warn(f"cannot continue MLflow run {run_id} in {uri} ({e}); starting a new run", stacklevel=2)
+                run_id = None
+        if run_id is None and parent_run_id is None and sweep_dir is not None:
             parent_run_id = get_or_create_sweep_parent(experiment_name, sweep_dir, tracking_uri=uri,
                                                        output_dir=output_dir)
     if parent_run_id is not None and run_id is None:
@@ -264,6 +270,7 @@ def make_mlflow_logger(
 
 def end_run(logger: MLFlowLogger, status: Literal["FINISHED", "FAILED", "KILLED"], reason: str | None = None) -> None:
     """End the logger's run with ``status`` (e.g. FAILED when the job raised outside ``Trainer.fit``), if it started."""
+    # Lightning's MLFlowLogger creates its run lazily; ``_initialized`` says whether it did (no public flag).
     if getattr(logger, "_initialized", False) and logger.run_id:
         if reason:
             logger.experiment.set_tag(logger.run_id, END_REASON_TAG, reason[:5000])
@@ -581,7 +588,8 @@ def update_sweep_parent(
     for key, value in tags.items():
         client.set_tag(parent_run_id, key, value)
     status = parent.info.status
-    if done and status == "RUNNING":
+    # KILLED too: a parent made by a job (no launcher callback) looks dead once that job's process is gone.
+    if done and status in ("RUNNING", "KILLED"):
         if frame is not None:
             points = _point_table(frame[frame["status"].isin(_GOOD)], swept_param, list(metrics))
             client.log_table(parent_run_id, points, "sweep_summary/points.json")
