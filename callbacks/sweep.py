@@ -25,6 +25,12 @@ log = logging.getLogger(__name__)
 
 def mlflow_settings(config: DictConfig) -> dict[str, Any] | None:
     """``{experiment_name, tracking_uri, output_dir}`` of the configured MLflow logger; None for other loggers."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        # Around the jobs (on_multirun_start/end) Hydra has no current config, yet the logger's paths interpolate
+        # ${hydra:runtime.cwd}: resolve them against the sweep's own config.
+        HydraConfig.instance().set_config(config)
     logger = config.get("logger")
     if not logger or not str(logger.get("_target_", "")).endswith("make_mlflow_logger"):
         return None
@@ -63,12 +69,8 @@ class MLflowSweepCallback(Callback):
     """See the module docstring. Summarises ``sweep.param`` (or the first swept key) on ``sweep.metrics``."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from hydra.core.hydra_config import HydraConfig
-
         from mmembed.tracking import start_sweep
 
-        if not HydraConfig.initialized():  # the logger's paths interpolate ${hydra:runtime.cwd}
-            HydraConfig.instance().set_config(config)
         try:
             settings = mlflow_settings(config)
             if settings is None:
@@ -84,10 +86,12 @@ class MLflowSweepCallback(Callback):
 
         from mmembed import tracking
 
-        settings = mlflow_settings(config)
-        if settings is None or config.hydra.mode != RunMode.MULTIRUN:
+        if config.hydra.mode != RunMode.MULTIRUN:
             return
         try:
+            settings = mlflow_settings(config)
+            if settings is None:
+                return
             parent = tracking.get_or_create_sweep_parent(sweep_dir=config.hydra.sweep.dir, **settings)
             uri = settings["tracking_uri"] or tracking.default_tracking_uri(settings["output_dir"])
             param = tracking.resolve_swept_param(config.sweep.get("param"), tracking.swept_keys(parent, uri))
@@ -107,10 +111,10 @@ class MLflowSweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from mmembed import tracking
 
-        settings = mlflow_settings(config)
-        if settings is None:
-            return
         try:
+            settings = mlflow_settings(config)
+            if settings is None:
+                return
             parent = tracking.get_or_create_sweep_parent(sweep_dir=config.hydra.sweep.dir, **settings)
             uri = settings["tracking_uri"] or tracking.default_tracking_uri(settings["output_dir"])
             # The jobs' configs (e.g. an exp file's sweep.param) decided the param; the parent remembers it.
