@@ -1,10 +1,11 @@
 """Lightning callbacks that run the MMEB / VisDoc runners during training and log the scores.
 
 When: every ``every_n_train_steps`` optimizer steps (``on_train_batch_end``), every ``every_n_epochs`` epochs
-(``on_train_epoch_end``), before training (``eval_at_start``, ``on_train_start``) and after it (``eval_at_end``,
-``on_train_end``; skipped when the last step was just evaluated). The model is the LightningModule's own backbone,
-seen through ``pl_module.embedder() -> mmembed.Embedder`` (``mmembed.modules.base.BackboneModule`` provides it);
-``Embedder.encode`` runs in eval mode under ``no_grad`` and restores training mode afterwards.
+(``on_train_epoch_end``), before training (``eval_at_start``, ``on_train_start``; not again when resuming) and after
+it (``eval_at_end``, ``on_train_end``; skipped when the last step was just evaluated). The model is the
+LightningModule's own backbone, seen through ``pl_module.embedder() -> mmembed.Embedder``
+(``mmembed.modules.base.BackboneModule`` provides it); ``Embedder.encode`` runs in eval mode under ``no_grad`` and
+restores training mode afterwards.
 
 Where the numbers go, for a result with keys ``val/mmeb/<subset>``, ``val/mmeb/<meta_task>``, ``val/mmeb/ind|ood``,
 ``val/mmeb/overall`` (VisDoc: ``val/visdoc/<set>``, ``val/visdoc/<collection>``, ``val/visdoc/overall``), x100:
@@ -33,7 +34,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from mmembed.eval.runner import BenchmarkResult, SupportsRerank
@@ -105,7 +105,8 @@ class BenchmarkEvalCallback(L.Callback):
                             "subclass mmembed.modules.base.BackboneModule or add the method")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.eval_at_start:
+        # A run resumed from a checkpoint already has its "before" score (restored in ``history``).
+        if self.eval_at_start and trainer.global_step == 0:
             self.run(trainer, pl_module, "start")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -167,9 +168,9 @@ class BenchmarkEvalCallback(L.Callback):
     def _upload(self, trainer: L.Trainer, result: BenchmarkResult, artifact_path: str) -> None:
         if not self.log_artifacts or result.out_dir is None:
             return
-        for logger in trainer.loggers:
-            if isinstance(logger, MLFlowLogger):
-                logger.experiment.log_artifacts(logger.run_id, str(result.out_dir), artifact_path)
+        from mmembed.tracking import log_artifacts
+
+        log_artifacts(trainer.loggers, result.out_dir, artifact_path)
 
 
 class MMEBEvalCallback(BenchmarkEvalCallback):

@@ -184,6 +184,17 @@ class RankLoader(wds.WebLoader):
     early (every worker ran dry) it raises instead of returning fewer batches, which under DDP would hang the
     other ranks.
 
+    Exact resume (Lightning calls :meth:`state_dict` / :meth:`load_state_dict` of a loader that has them and saves
+    the state in the checkpoint's loop state): the state is the epoch and the number of batches of it already
+    trained on (``position_fn``, e.g. the Trainer's batch progress; else the batches yielded so far). After a load,
+    the next iteration of that same epoch regenerates and discards that many batches, so training continues on
+    batch ``k + 1`` of the very stream the interrupted run saw. The stream is a pure function of the seed, the
+    epoch and the rank, so replaying it is exact; it costs the decoding of the skipped batches once.
+
+    Each epoch's DataLoader iterator takes its worker base seed from a generator seeded by ``(seed, rank, epoch)``
+    instead of drawing it from the global torch RNG: worker seeds are then reproducible on resume, and creating the
+    iterator does not shift the model's RNG stream (dropout) depending on when the loader was (re)started.
+
     Args:
         dataset: The per-worker pipeline (infinite when ``num_batches`` is set).
         num_batches: Batches per epoch on this rank; ``None`` = one natural pass (no ``len``).
@@ -191,11 +202,16 @@ class RankLoader(wds.WebLoader):
         epoch_fn: Returns the current epoch or ``None``.
         num_workers: DataLoader worker processes.
         name: Used in error messages.
+        seed: Base seed of the per-epoch worker seeds.
+        rank: This rank (part of the worker seeds).
+        position_fn: Returns the number of batches of the current epoch already trained on (for :meth:`state_dict`);
+            ``None`` counts the batches this loader yielded.
         **loader_kwargs: Other ``torch.utils.data.DataLoader`` arguments.
     """
 
     def __init__(self, dataset: Any, *, num_batches: int | None, shared_epoch: SharedEpoch,
                  epoch_fn: Callable[[], int | None] | None = None, num_workers: int = 0, name: str = "train",
+                 seed: int = 0, rank: int = 0, position_fn: Callable[[], int | None] | None = None,
                  **loader_kwargs: Any) -> None:
         loader_kwargs.setdefault("persistent_workers", False)
         if num_workers > 0:
@@ -205,9 +221,25 @@ class RankLoader(wds.WebLoader):
         self.shared_epoch = shared_epoch
         self.epoch_fn = epoch_fn
         self.name = name
+        self.seed = seed
+        self.rank = rank
+        self.position_fn = position_fn
         self._iterations = 0
+        self._yielded = 0  # batches yielded in the current iteration
+        self._resume: tuple[int, int] | None = None  # (epoch, batches to skip) after load_state_dict
         if num_batches is not None:
             self.with_epoch(nbatches=num_batches)
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batches"}``: where in the stream training stands (Lightning saves it in checkpoints)."""
+        position = self.position_fn() if self.position_fn is not None else None
+        return {"epoch": self.shared_epoch.get(), "batches": int(self._yielded if position is None else position)}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Make the next iteration of ``state["epoch"]`` skip the ``state["batches"]`` already trained on."""
+        batches = int(state.get("batches", 0))
+        full = self.num_batches is not None and batches >= self.num_batches  # saved at the epoch's end: nothing
+        self._resume = None if full or batches <= 0 else (int(state.get("epoch", 0)), batches)
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -216,11 +248,23 @@ class RankLoader(wds.WebLoader):
 
     def __iter__(self) -> Iterator[Any]:
         epoch = self.epoch_fn() if self.epoch_fn is not None else None
-        self.shared_epoch.set(self._iterations if epoch is None else epoch)
+        epoch = self._iterations if epoch is None else epoch
+        self.shared_epoch.set(epoch)
         self._iterations += 1
+        skip = 0
+        if self._resume is not None:
+            if self._resume[0] == epoch:
+                skip = self._resume[1]
+            self._resume = None
+        self.generator = torch.Generator().manual_seed(
+            random.Random(f"loader/{self.seed}/{self.rank}/{epoch}").getrandbits(63))
         n = 0
+        self._yielded = 0
         for batch in super().__iter__():
             n += 1
+            if n <= skip:  # replaying the part of the epoch an interrupted run already trained on
+                continue
+            self._yielded = n
             yield batch
         if self.num_batches is not None and n < self.num_batches:
             raise RuntimeError(

@@ -381,6 +381,14 @@ class ContrastiveDataModule(L.LightningDataModule):
         trainer = self.trainer
         return None if trainer is None else int(trainer.current_epoch)
 
+    def _trained_batches(self) -> int | None:
+        # Batches of the current epoch the Trainer has trained on (a checkpoint saved in on_train_batch_end of batch
+        # k counts k); None outside a Trainer. The loader itself has already prefetched further ahead.
+        trainer = self.trainer
+        if trainer is None:
+            return None
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
     def _pipeline(self, urls: list[str], *, train: bool, counter: SkipCounter, shared: SharedEpoch,
                   repeat: bool) -> wds.DataPipeline:
         assert self.input_builder is not None, "call setup() first"
@@ -407,7 +415,8 @@ class ContrastiveDataModule(L.LightningDataModule):
                                  shared=self._train_epoch, repeat=True)
         return RankLoader(dataset, num_batches=self.num_train_batches, shared_epoch=self._train_epoch,
                           epoch_fn=self._current_epoch, num_workers=self.num_workers, name="train",
-                          pin_memory=self.pin_memory)
+                          pin_memory=self.pin_memory, seed=self.seed, rank=self.rank,
+                          position_fn=self._trained_batches)
 
     def val_dataloader(self) -> RankLoader | list:
         self.setup("validate")
@@ -419,7 +428,8 @@ class ContrastiveDataModule(L.LightningDataModule):
         # Validation reads as many workers as it has shards for (it has no ranks x workers requirement).
         workers = min(self.num_workers, len(self.val_urls) // self.world_size)
         return RankLoader(dataset, num_batches=self.num_val_batches, shared_epoch=self._val_epoch,
-                          epoch_fn=self._current_epoch, num_workers=workers, name="val", pin_memory=self.pin_memory)
+                          epoch_fn=self._current_epoch, num_workers=workers, name="val", pin_memory=self.pin_memory,
+                          seed=self.seed, rank=self.rank)
 
     # ------------------------------------------------------------------------------------------ skip counts
     def record_skips(self, batch: Mapping[str, Any], split: str = "train") -> None:

@@ -82,15 +82,34 @@ def ensure_synthetic_world(cfg: DictConfig) -> None:
 
 
 def _logger(cfg: DictConfig):
+    """The configured logger; for the MLflow logger also: a sweep job's run is a child named by its point, and a
+    resumed run continues the MLflow run recorded in its checkpoint."""
     if not cfg.get("logger"):
         return None
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from callbacks.sweep import mlflow_settings
+
+    settings = mlflow_settings(cfg)
     kw: dict[str, Any] = {}
+    if settings is not None and cfg.get("ckpt_path"):
+        from callbacks.resume import saved_mlflow_run_id
+
+        kw["run_id"] = saved_mlflow_run_id(cfg.ckpt_path)
+        if kw["run_id"]:
+            print(f"resuming MLflow run {kw['run_id']} (recorded in {cfg.ckpt_path})")
     hc = HydraConfig.get()
-    if hc.mode == RunMode.MULTIRUN:
+    if hc.mode == RunMode.MULTIRUN and not kw.get("run_id"):
         kw["sweep_dir"] = hc.sweep.dir
+        if settings is not None:
+            from mmembed import tracking
+
+            parent = tracking.get_or_create_sweep_parent(sweep_dir=hc.sweep.dir, **settings)
+            param = tracking.resolve_swept_param(cfg.sweep.param, tracking.swept_keys(parent, settings["tracking_uri"]
+                                                                                      or None, settings["output_dir"]))
+            point = tracking.sweep_point_name(param, OmegaConf.select(cfg, param), cfg.seed)
+            kw.update(parent_run_id=parent, run_name=point, tags={tracking.SWEEP_POINT_TAG: point})
     return instantiate(cfg.logger, **kw)
 
 
@@ -106,69 +125,53 @@ def _callbacks(cfg: DictConfig, has_logger: bool = True) -> list:
     return out
 
 
-def _swept_param(cfg: DictConfig) -> str | None:
-    if cfg.sweep.param:
-        return cfg.sweep.param
-    from hydra.core.hydra_config import HydraConfig
-
-    for o in HydraConfig.get().overrides.task:
-        key = o.split("=", 1)[0].lstrip("+~")
-        if key != "exp":
-            return key
-    return "exp_name"
-
-
 def train(cfg: DictConfig, train_shards: str | None = None) -> dict[str, float]:
     """Fit the module; returns the final callback metrics."""
     import lightning as L
     import torch
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-    from mmembed.tracking import log_config
+    from mmembed.tracking import end_run, log_config, log_params
 
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
-    backbone = instantiate(cfg.backbone)
-    module = instantiate(cfg.module, backbone=backbone)
-    data_kw = {"train_shards": train_shards} if train_shards else {}
-    # The one preprocessing object: the backbone's input builder (its compression, processor and tile policy).
-    datamodule = instantiate(cfg.data, input_builder=backbone.input_builder, **data_kw)
+    # The run exists (and is recorded) before anything heavy can fail, so a failed point shows as a FAILED run.
     logger = _logger(cfg)
-    callbacks = _callbacks(cfg, has_logger=logger is not None)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger or False)
-    if logger is not None and trainer.is_global_zero:
+    is_zero = rank_zero_only.rank == 0
+    if logger is not None and is_zero:
         log_config(logger, OmegaConf.to_container(cfg, resolve=True), experiment=cfg.exp_name)
-    t0 = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    metrics["time/fit_s"] = time.perf_counter() - t0
-    if trainer.is_global_zero:
-        if cfg.save_embedder:
-            path = module.embedder().save_pretrained(Path(cfg.paths.output_dir) / "embedder")
-            print(f"embedder saved to {path}")
+        out = Path(cfg.paths.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".mlflow_run_id").write_text(logger.run_id)  # read by the sweep callback (callbacks/sweep.py)
+    try:
+        backbone = instantiate(cfg.backbone)
+        module = instantiate(cfg.module, backbone=backbone)
+        data_kw = {"train_shards": train_shards} if train_shards else {}
+        # The one preprocessing object: the backbone's input builder (its compression, processor and tile policy).
+        datamodule = instantiate(cfg.data, input_builder=backbone.input_builder, **data_kw)
+        callbacks = _callbacks(cfg, has_logger=logger is not None)
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger or False)
+        t0 = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        metrics["time/fit_s"] = time.perf_counter() - t0
+        if trainer.is_global_zero:
+            if cfg.save_embedder:
+                path = module.embedder().save_pretrained(Path(cfg.paths.output_dir) / "embedder")
+                print(f"embedder saved to {path}")
+                if logger is not None:
+                    log_params(logger, {"embedder_path": path})
             if logger is not None:
-                logger.experiment.log_param(logger.run_id, "embedder_path", str(path))
-        if logger is not None:
-            logger.log_metrics({"time/fit_s": metrics["time/fit_s"]})
-            _summarize_if_sweep(cfg, logger)
-        rows = before_after(callbacks)
-        print_results(rows)
-        print(f"fit took {metrics['time/fit_s']:.1f}s; outputs in {cfg.paths.output_dir}; MLflow UI: "
-              f"mlflow ui --backend-store-uri sqlite:///{Path(cfg.paths.log_dir) / 'mlflow.db'}")
+                logger.log_metrics({"time/fit_s": metrics["time/fit_s"]})
+            rows = before_after(callbacks)
+            print_results(rows)
+            print(f"fit took {metrics['time/fit_s']:.1f}s; outputs in {cfg.paths.output_dir}; MLflow UI: "
+                  f"mlflow ui --backend-store-uri sqlite:///{Path(cfg.paths.log_dir) / 'mlflow.db'}")
+    except BaseException as e:
+        if logger is not None and is_zero:
+            end_run(logger, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", f"{type(e).__name__}: {e}")
+        raise
     return metrics
-
-
-def _summarize_if_sweep(cfg: DictConfig, logger) -> None:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from mmembed.tracking import PARENT_RUN_TAG, summarize_sweep
-
-    if HydraConfig.get().mode != RunMode.MULTIRUN:
-        return
-    run = logger.experiment.get_run(logger.run_id)
-    parent = run.data.tags.get(PARENT_RUN_TAG)
-    if parent:  # every job refreshes the parent's summary; the last one sees all children
-        summarize_sweep(parent, _swept_param(cfg), metrics=list(cfg.sweep.metrics), tracking_uri=logger._tracking_uri)
 
 
 def before_after(callbacks: list) -> dict[str, tuple[float | None, float]]:

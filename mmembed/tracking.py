@@ -8,15 +8,28 @@ Layout under ``output_dir`` with the defaults::
 Browse it with ``mlflow ui --backend-store-uri sqlite:///<output_dir>/mlflow.db --workers 1``. The first use of a new
 ``mlflow.db`` creates its schema, which takes a few seconds.
 
-Sweeps: every job of a Hydra multirun (``-m``) becomes a child run (tag ``mlflow.parentRunId``) of one parent run
-keyed by the sweep folder (:func:`get_or_create_sweep_parent`); :func:`summarize_sweep` then tabulates and plots the
-swept value against the main metrics as artifacts of the parent.
+Every MLflow call of the kit lives here (the callbacks and ``experiments/run.py`` call these functions):
+
+* stores: a new sqlite store is created and migrated once, under a file lock (:func:`ensure_store`), so runs started
+  together (a parallel sweep) do not race on the schema;
+* experiments are marked as model-training experiments (:data:`EXPERIMENT_KIND_TAG`), so the MLflow 3 UI opens them
+  on their runs table rather than on the GenAI overview;
+* runs carry their host and process (:func:`process_tags`); a RUNNING run whose process is gone is marked KILLED
+  when the next run starts (:func:`mark_stale_runs`), and a resumed run reopens its own run (``run_id``);
+* sweeps: every job of a Hydra multirun (``-m``) becomes a child run (tag ``mlflow.parentRunId``) of one parent run
+  keyed by the sweep folder (:func:`get_or_create_sweep_parent`, :func:`start_sweep`); each job's outcome is
+  recorded on the parent (:func:`record_sweep_job`), :func:`summarize_sweep` tabulates and plots the swept value
+  against the main metrics as artifacts of the parent, and :func:`update_sweep_parent` names the parent for what it
+  sweeps and ends it FINISHED, or FAILED when a point failed.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+import socket
 import subprocess
 import tempfile
 import time
@@ -38,6 +51,23 @@ RUN_NAME_TAG = "mlflow.runName"
 SWEEP_DIR_TAG = "mmembed.sweep_dir"
 SWEEP_PARENT_TAG = "mmembed.sweep_parent"
 EXPERIMENT_TAG = "mmembed.experiment"
+# The MLflow 3 UI reads the experiment kind from this tag; without it, it may infer a GenAI experiment and open on the
+# (empty) traces overview. "custom_model_development" is the kind its runs-table view is for.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+HOST_TAG = "mmembed.host"
+PID_TAG = "mmembed.pid"
+PID_START_TAG = "mmembed.pid_start"  # the process start time (/proc), so a reused pid is not taken for the run's
+END_REASON_TAG = "mmembed.end_reason"
+RESUMED_TAG = "mmembed.resumed"
+SWEEP_KEYS_TAG = "mmembed.sweep.keys"
+SWEEP_JOBS_TAG = "mmembed.sweep.jobs"
+SWEEP_PARAM_TAG = "mmembed.sweep.param"
+SWEEP_VALUES_TAG = "mmembed.sweep.values"
+SWEEP_FAILED_TAG = "mmembed.sweep.failed"
+SWEEP_BEST_TAG = "mmembed.sweep.best"
+SWEEP_JOB_TAG = "mmembed.sweep.job."  # + job number: the job's outcome as JSON, on the parent
+SWEEP_POINT_TAG = "mmembed.sweep.point"  # on a child: its point's name
 MAX_PARAM_LENGTH = 6000  # MLflow >= 2.x rejects longer param values
 MAX_KEY_LENGTH = 250
 _TRUNCATED = "...[truncated]"
@@ -62,28 +92,120 @@ def is_local_store(tracking_uri: str) -> bool:
     return tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri
 
 
+_READY_STORES: set[str] = set()
+
+
+def ensure_store(tracking_uri: str | None) -> None:
+    """Create and migrate a sqlite store once, under a file lock next to it (other stores: nothing to do).
+
+    MLflow creates the schema of a new sqlite file on first use, in several migration steps. Two processes doing
+    that at once (the jobs of a parallel sweep on a fresh store) race: one fails (``table _alembic_tmp_experiments
+    already exists``) and its run is lost. Under ``<db>.lock`` the first process builds the schema and the others
+    find it done.
+    """
+    if not tracking_uri or not tracking_uri.startswith("sqlite:///") or tracking_uri in _READY_STORES:
+        return
+    from filelock import FileLock
+    from mlflow.tracking import MlflowClient
+
+    db = Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.lock", timeout=600):
+        MlflowClient(tracking_uri).search_experiments(max_results=1)  # creates / migrates the schema
+    _READY_STORES.add(tracking_uri)
+
+
 def _client(tracking_uri: str | None) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
+    ensure_store(tracking_uri)
     return MlflowClient(tracking_uri)
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str | None = None) -> str:
-    """Id of the experiment called ``name``, created (or restored from the bin) if needed."""
+    """Id of the experiment called ``name``, created (or restored from the bin) if needed, marked as a model-training
+    experiment (:data:`EXPERIMENT_KIND_TAG`) unless it already has a kind."""
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(name, artifact_location=artifact_location,
+                                              tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:  # another process created it between our lookup and the create
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+        else:
+            return exp_id
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+# ---------------------------------------------------------------------------------------------------- processes
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """``(state, start time)`` of a process from ``/proc/<pid>/stat`` (Linux); None when unreadable."""
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except MlflowException:  # another process created it between our lookup and the create
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[-1].split()  # the command name (field 2) may hold spaces and parentheses
+    return (fields[0], fields[19]) if len(fields) > 19 else None
+
+
+def process_tags() -> dict[str, str]:
+    """Tags naming this process (host, pid, start time), by which :func:`mark_stale_runs` tells a dead run."""
+    stat = _proc_stat(os.getpid())
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PID_START_TAG: stat[1] if stat else ""}
+
+
+def process_alive(pid: int, start: str | None = None) -> bool:
+    """Whether process ``pid`` of this host runs (and, when ``start`` is given, is the one started then)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, owned by someone else
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True
+    state, started = stat
+    return state not in ("Z", "X") and (not start or started == start)
+
+
+def mark_stale_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of this host whose process is gone (e.g. killed with ``kill -9``).
+
+    Runs recorded on other hosts are left alone: their processes cannot be checked from here.
+
+    Returns:
+        The ids of the runs marked.
+    """
+    host = socket.gethostname()
+    runs = client.search_runs([experiment_id], max_results=1000,
+                              filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{_quote(host)}'")
+    marked = []
+    for run in runs:
+        pid = run.data.tags.get(PID_TAG, "")
+        if not pid.isdigit() or process_alive(int(pid), run.data.tags.get(PID_START_TAG) or None):
+            continue
+        client.set_tag(run.info.run_id, END_REASON_TAG, f"process {pid} on {host} ended without closing the run")
+        client.set_terminated(run.info.run_id, "KILLED")
+        marked.append(run.info.run_id)
+    return marked
+
+
+def reopen_run(client: MlflowClient, run_id: str) -> None:
+    """Continue ``run_id`` in this process (resume from a checkpoint): RUNNING again, this process's tags."""
+    run = client.get_run(run_id)
+    resumed = int(run.data.tags.get(RESUMED_TAG, "0") or 0) + 1
+    client.update_run(run_id, status="RUNNING")
+    for key, value in {**process_tags(), RESUMED_TAG: str(resumed)}.items():
+        client.set_tag(run_id, key, value)
 
 
 # ----------------------------------------------------------------------------------------------------- logger
@@ -96,11 +218,14 @@ def make_mlflow_logger(
     parent_run_id: str | None = None,
     sweep_dir: str | Path | None = None,
     log_model: bool | Literal["all"] = False,
+    run_id: str | None = None,
 ) -> MLFlowLogger:
     """A Lightning ``MLFlowLogger`` on the embedded sqlite store (or ``tracking_uri``), optionally a child run.
 
-    The experiment is created on first use (by Lightning, on rank 0 only) with its artifacts under
-    ``output_dir/mlartifacts/<experiment>`` when the store is local; a remote server keeps its own artifact store.
+    On rank 0 the store is created once under a lock (:func:`ensure_store`), the experiment is created if needed
+    (marked as model training, artifacts under ``output_dir/mlartifacts/<experiment>`` when the store is local; a
+    remote server keeps its own artifact store), and stale RUNNING runs of this host are marked KILLED
+    (:func:`mark_stale_runs`). The run itself is created by Lightning on first use, tagged with this process.
 
     Args:
         experiment_name: MLflow experiment.
@@ -112,6 +237,7 @@ def make_mlflow_logger(
         sweep_dir: Alternatively, the Hydra sweep folder: the parent is found or created by
             :func:`get_or_create_sweep_parent` (ignored when ``parent_run_id`` is given).
         log_model: Lightning's checkpoint-as-artifact option.
+        run_id: Continue this run instead of creating one (resume; see ``callbacks.resume.saved_mlflow_run_id``).
     """
     from lightning.fabric.utilities.rank_zero import rank_zero_only
     from lightning.pytorch.loggers import MLFlowLogger
@@ -119,13 +245,51 @@ def make_mlflow_logger(
     uri = tracking_uri or default_tracking_uri(output_dir)
     artifact_location = default_artifact_location(output_dir, experiment_name) if is_local_store(uri) else None
     run_tags = {str(k): str(v) for k, v in (tags or {}).items()}
-    # Only rank 0 creates runs (MLFlowLogger.experiment is rank-zero-only), so only it needs the parent.
-    if parent_run_id is None and sweep_dir is not None and rank_zero_only.rank == 0:
-        parent_run_id = get_or_create_sweep_parent(experiment_name, sweep_dir, tracking_uri=uri, output_dir=output_dir)
-    if parent_run_id is not None:
+    # Only rank 0 creates runs (MLFlowLogger.experiment is rank-zero-only), so only it touches the store here.
+    if rank_zero_only.rank == 0:
+        client = _client(uri)
+        exp_id = get_or_create_experiment(client, experiment_name, artifact_location)
+        mark_stale_runs(client, exp_id)
+        if run_id is not None:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                reopen_run(client, run_id)
+            except MlflowException as e:  # e.g. the checkpoint was written against another store
+                warnings.warn(f"cannot continue MLflow run {run_id} in {uri} ({e}); starting a new run", stacklevel=2)
+                run_id = None
+        if run_id is None and parent_run_id is None and sweep_dir is not None:
+            parent_run_id = get_or_create_sweep_parent(experiment_name, sweep_dir, tracking_uri=uri,
+                                                       output_dir=output_dir)
+    if parent_run_id is not None and run_id is None:
         run_tags[PARENT_RUN_TAG] = parent_run_id
+    run_tags.update(process_tags())
     return MLFlowLogger(experiment_name=experiment_name, run_name=run_name, tracking_uri=uri, tags=run_tags,
-                        artifact_location=artifact_location, log_model=log_model)
+                        artifact_location=artifact_location, log_model=log_model, run_id=run_id)
+
+
+def end_run(logger: MLFlowLogger, status: Literal["FINISHED", "FAILED", "KILLED"], reason: str | None = None) -> None:
+    """End the logger's run with ``status`` (e.g. FAILED when the job raised outside ``Trainer.fit``), if it started."""
+    # Lightning's MLFlowLogger creates its run lazily; ``_initialized`` says whether it did (no public flag).
+    if getattr(logger, "_initialized", False) and logger.run_id:
+        if reason:
+            logger.experiment.set_tag(logger.run_id, END_REASON_TAG, reason[:5000])
+        logger.experiment.set_terminated(logger.run_id, status)
+
+
+def log_params(logger: MLFlowLogger, params: Mapping[str, Any]) -> None:
+    """Log a few extra params on the logger's run (e.g. where the embedder was saved)."""
+    for key, value in params.items():
+        logger.experiment.log_param(logger.run_id, sanitize_key(str(key)), str(value)[:MAX_PARAM_LENGTH])
+
+
+def log_artifacts(loggers: Sequence[Any], local_dir: str | Path, artifact_path: str | None = None) -> None:
+    """Upload a folder as artifacts of the run of every ``MLFlowLogger`` in ``loggers`` (others are skipped)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    for logger in loggers:
+        if isinstance(logger, MLFlowLogger):
+            logger.experiment.log_artifacts(logger.run_id, str(local_dir), artifact_path)
 
 
 # ----------------------------------------------------------------------------------------------------- config
@@ -251,8 +415,8 @@ def get_or_create_sweep_parent(
     """Run id of the parent run of a sweep, keyed by its (absolute) sweep folder; created on first call.
 
     Every job of a Hydra multirun calls this with the same ``hydra.sweep.dir`` and gets the same parent. With a
-    parallel launcher, call it once before the jobs start (two jobs racing on an empty store could create two
-    parents).
+    parallel launcher, create it once before the jobs start (:func:`start_sweep`; ``experiments/run.py`` does so
+    from a Hydra callback), else two jobs racing on an empty store could create two parents.
 
     Args:
         experiment_name: MLflow experiment (created like :func:`make_mlflow_logger` would).
@@ -274,11 +438,178 @@ def get_or_create_sweep_parent(
     if found:
         return found[0].info.run_id
     run_tags = {SWEEP_DIR_TAG: key, SWEEP_PARENT_TAG: "true", MLFLOW_RUN_NAME: run_name or Path(key).name,
-                **{str(k): str(v) for k, v in (tags or {}).items()}}
+                **process_tags(), **{str(k): str(v) for k, v in (tags or {}).items()}}
     commit = git_commit()
     if commit:
         run_tags[GIT_COMMIT_TAG] = commit
     return client.create_run(exp_id, tags=run_tags).info.run_id
+
+
+def sweep_name(experiments: Sequence[str]) -> str:
+    """The name the points of a sweep share: their experiments' common prefix (``ablation_lora_r8``,
+    ``ablation_lora_r16`` -> ``ablation_lora_r``), or the one experiment's name."""
+    names = sorted({str(e) for e in experiments if e})
+    if not names:
+        return "sweep"
+    prefix = os.path.commonprefix(names) if len(names) > 1 else names[0]
+    return prefix.rstrip("_-. ") or "sweep"
+
+
+def sweep_point_name(param: str, value: Any, seed: Any | None = None) -> str:
+    """A child run's name: its point (last part of the swept key) and seed, e.g. ``lora_r=8 seed=0``."""
+    name = f"{str(param).rsplit('.', 1)[-1]}={value}"
+    return name if seed is None else f"{name} seed={seed}"
+
+
+def resolve_swept_param(param: str | None, swept_keys: Sequence[str]) -> str:
+    """The config key a sweep is summarised by: ``param`` when set, else the first swept key other than the
+    experiment and the seed (``exp_name`` when only experiments are swept, ``seed`` when only seeds are)."""
+    if param:
+        return param
+    keys = [k.lstrip("+~") for k in swept_keys]
+    for key in keys:
+        if key not in ("exp", "seed"):
+            return key
+    return "exp_name" if "exp" in keys or not keys else "seed"
+
+
+def _values_text(values: Sequence[Any]) -> str:
+    nums = [_number(str(v)) for v in values]
+    if values and all(n is not None for n in nums):
+        pairs = sorted(zip(nums, values), key=lambda t: t[0])
+        values = [str(int(n)) if float(n).is_integer() else str(v) for n, v in pairs]
+    else:
+        values = sorted(str(v) for v in values)
+    return ", ".join(dict.fromkeys(values))
+
+
+def swept_keys(parent_run_id: str, tracking_uri: str | None = None, output_dir: str | Path = "outputs") -> list[str]:
+    """The override keys a sweep varies, as :func:`start_sweep` recorded them on its parent (may be empty)."""
+    run = _client(tracking_uri or default_tracking_uri(output_dir)).get_run(parent_run_id)
+    return [k for k in run.data.tags.get(SWEEP_KEYS_TAG, "").split(",") if k]
+
+
+def swept_param_of(parent_run_id: str, tracking_uri: str | None = None) -> str | None:
+    """The config key the sweep's summary was made over (tag ``mmembed.sweep.param``), or None before any."""
+    return _client(tracking_uri).get_run(parent_run_id).data.tags.get(SWEEP_PARAM_TAG)
+
+
+def start_sweep(
+    experiment_name: str,
+    sweep_dir: str | Path,
+    swept: Mapping[str, Sequence[str]],
+    num_jobs: int | None = None,
+    tracking_uri: str | None = None,
+    output_dir: str | Path = "outputs",
+) -> str:
+    """Create the parent run of a sweep before its jobs start (call it from the launching process).
+
+    Args:
+        experiment_name: MLflow experiment.
+        sweep_dir: The sweep folder (``hydra.sweep.dir``); the parent is keyed by it.
+        swept: ``{override key: values}`` of the sweep (e.g. ``{"+exp": ["ablation_lora_r8", ...], "seed": [...]}``).
+        num_jobs: Number of jobs, when known: the parent ends when that many jobs have reported
+            (:func:`record_sweep_job`).
+        tracking_uri: Store URI; default :func:`default_tracking_uri` of ``output_dir``.
+        output_dir: Folder for the default store and artifacts.
+
+    Returns:
+        The parent's run id.
+    """
+    exps = [str(v) for k, vals in swept.items() if k.lstrip("+~") == "exp" for v in vals]
+    parts = [f"{k} \u2208 {{{_values_text(list(v))}}}" for k, v in swept.items()]
+    title = f"{sweep_name(exps)}: {'; '.join(parts) or 'sweep'} \u2026"
+    tags = {SWEEP_KEYS_TAG: ",".join(swept)}
+    if num_jobs is not None:
+        tags[SWEEP_JOBS_TAG] = str(num_jobs)
+    return get_or_create_sweep_parent(experiment_name, sweep_dir, tracking_uri=tracking_uri, output_dir=output_dir,
+                                      run_name=title[:MAX_KEY_LENGTH], tags=tags)
+
+
+def record_sweep_job(
+    parent_run_id: str,
+    job: int,
+    point: str,
+    value: Any,
+    status: Literal["COMPLETED", "FAILED"],
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    run_id: str | None = None,
+    error: str | None = None,
+) -> None:
+    """Record one job's outcome on the sweep parent (a tag per job), including jobs that failed before their run
+    existed, so the parent can tell which points failed."""
+    record = {"point": point, "value": None if value is None else str(value), "status": status,
+              "experiment": experiment, "run_id": run_id, "error": (error or "")[:500] or None}
+    _client(tracking_uri).set_tag(parent_run_id, f"{SWEEP_JOB_TAG}{job:05d}", json.dumps(record))
+
+
+def sweep_jobs(run: Any) -> list[dict[str, Any]]:
+    """The job records of a sweep parent (see :func:`record_sweep_job`), in job order."""
+    return [json.loads(v) for k, v in sorted(run.data.tags.items()) if k.startswith(SWEEP_JOB_TAG)]
+
+
+def update_sweep_parent(
+    parent_run_id: str,
+    swept_param: str,
+    metrics: Sequence[str] = ("val/mmeb/overall", "val/visdoc/overall"),
+    tracking_uri: str | None = None,
+    final: bool = False,
+    reduce: Literal["last", "max", "min"] = "last",
+) -> str:
+    """Refresh a sweep parent: summary artifacts, name and tags; end it when every job has reported (or ``final``).
+
+    The name says what is swept (``ablation_lora_r: backbone.finetune.lora_r \u2208 {8, 16, 32}``, with a trailing
+    ellipsis while jobs are still to come). The parent ends FINISHED, or FAILED when a job or a child run failed;
+    tag ``mmembed.sweep.failed`` and the summary say which points.
+
+    Returns:
+        The parent's status after the update.
+    """
+    client = _client(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    jobs = sweep_jobs(parent)
+    children = child_runs(client, parent_run_id)
+    frame = None
+    if any(sanitize_key(swept_param) in c.data.params for c in children):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # jobs still running have not logged their config yet
+            frame = summarize_sweep(parent_run_id, swept_param, metrics, tracking_uri, reduce)
+    values = [j["value"] for j in jobs if j.get("value") is not None]
+    if frame is not None:
+        values += [str(v) for v in frame[swept_param]]
+    exps = [j.get("experiment") for j in jobs] + [c.data.tags.get(EXPERIMENT_TAG) for c in children]
+    expected = int(parent.data.tags.get(SWEEP_JOBS_TAG, "0") or 0)
+    done = final or (expected > 0 and len(jobs) >= expected)
+    name = f"{sweep_name([e for e in exps if e])}: {swept_param} \u2208 {{{_values_text(values)}}}"
+    failed = _failed_points(jobs, children)
+    tags = {RUN_NAME_TAG: (name if done else f"{name} \u2026")[:MAX_KEY_LENGTH], SWEEP_PARAM_TAG: swept_param,
+            SWEEP_VALUES_TAG: _values_text(values), SWEEP_FAILED_TAG: "; ".join(failed) or "none"}
+    for key, value in tags.items():
+        client.set_tag(parent_run_id, key, value)
+    status = parent.info.status
+    # KILLED too: a parent made by a job (no launcher callback) looks dead once that job's process is gone.
+    if done and status in ("RUNNING", "KILLED"):
+        if frame is not None:
+            points = _point_table(frame[frame["status"].isin(_GOOD)], swept_param, list(metrics))
+            client.log_table(parent_run_id, points, "sweep_summary/points.json")
+        status = "FAILED" if failed else "FINISHED"
+        client.set_terminated(parent_run_id, status)
+    return status
+
+
+_GOOD = ("FINISHED", "RUNNING")
+
+
+def _failed_points(jobs: Sequence[Mapping[str, Any]], children: Sequence[Any]) -> list[str]:
+    out = []
+    for j in jobs:
+        if j.get("status") == "FAILED":
+            out.append(f"{j.get('point')} ({j['error']})" if j.get("error") else str(j.get("point")))
+    recorded = {j.get("run_id") for j in jobs}
+    out += [f"{c.info.run_name} ({c.info.status})" for c in children
+            if c.info.status in ("FAILED", "KILLED") and c.info.run_id not in recorded]
+    return out
 
 
 def _quote(value: str) -> str:
@@ -337,9 +668,12 @@ def summarize_sweep(
 ) -> pd.DataFrame:
     """Tabulate and plot a sweep's children: swept value vs the main metrics, as artifacts of the parent.
 
-    Writes ``{artifact_path}/summary.csv``, ``summary.md`` and ``summary.png`` on the parent run, and logs each
-    child's metric on the parent at ``step = swept value`` when the values are integers (so MLflow's own chart
-    shows the curve too).
+    Writes ``{artifact_path}/summary.csv`` (one row per child), ``summary.md`` (per point: mean ± std over the
+    children of that point, e.g. seeds; the best point; the failed points) and ``summary.png`` (one panel per metric,
+    the swept values as evenly spaced categories, error bars = std when a point has several runs) on the parent.
+    On the parent's own metrics: ``best/<metric>`` for the best point (the first metric decides; highest wins, lowest
+    for losses), and, when the values are integers, each point's mean at ``step = swept value`` so MLflow's own chart
+    shows the curve too. Failed or killed children are listed, not averaged.
 
     Args:
         parent_run_id: The sweep's parent run.
@@ -350,7 +684,8 @@ def summarize_sweep(
         artifact_path: Artifact folder on the parent.
 
     Returns:
-        One row per child, sorted by the swept value: ``run_id``, ``run_name``, the param, then the metrics.
+        One row per child, sorted by the swept value: ``run_id``, ``run_name``, ``status``, the param, ``seed``,
+        then the metrics.
     """
     import pandas as pd
     from mlflow.entities import Metric
@@ -358,13 +693,15 @@ def summarize_sweep(
     if reduce not in ("last", "max", "min"):
         raise ValueError(f"reduce must be 'last', 'max' or 'min', got {reduce!r}")
     client = _client(tracking_uri)
+    parent = client.get_run(parent_run_id)
     runs = child_runs(client, parent_run_id)
     if not runs:
         raise ValueError(f"run {parent_run_id} has no child runs (tag {PARENT_RUN_TAG}); nothing to summarize")
     key = sanitize_key(swept_param)  # the name log_config gave it
     rows = []
     for run in runs:
-        row = {"run_id": run.info.run_id, "run_name": run.info.run_name, swept_param: run.data.params.get(key)}
+        row = {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
+               swept_param: run.data.params.get(key), "seed": run.data.params.get("seed")}
         row.update({m: _metric_value(client, run, m, reduce) for m in metrics})
         rows.append(row)
     # A job that has not logged its config yet (parallel sweeps) is left out rather than failing the caller.
@@ -381,42 +718,99 @@ def summarize_sweep(
         frame[swept_param] = [_number(v) for v in frame[swept_param]]
         if all(float(v).is_integer() for v in frame[swept_param]):
             frame[swept_param] = frame[swept_param].astype(int)
-    frame = frame.sort_values(swept_param, kind="stable").reset_index(drop=True)
+    frame = frame.sort_values([swept_param, "run_name"], kind="stable").reset_index(drop=True)
+    good = frame[frame["status"].isin(_GOOD)]
+    points = _point_table(good, swept_param, list(metrics))
+    best = _best_point(points, swept_param, list(metrics))
+    failed = _failed_points(sweep_jobs(parent), runs)
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         frame.to_csv(folder / "summary.csv", index=False)
-        (folder / "summary.md").write_text(markdown_table(frame), encoding="utf-8")
-        _plot_sweep(frame, swept_param, list(metrics), numeric, folder / "summary.png")
+        lines = [f"# Sweep over `{swept_param}`", "", markdown_table(_mean_std_table(points, swept_param,
+                                                                                       list(metrics)))]
+        if best is not None:
+            lines.append(f"Best point: **{swept_param} = {best[0]}** ({best[1]} = {best[2]:.2f})\n")
+        lines.append(f"Failed points: {'; '.join(failed) if failed else 'none'}\n")
+        lines += ["## Runs", "", markdown_table(frame)]
+        (folder / "summary.md").write_text("\n".join(lines), encoding="utf-8")
+        _plot_sweep(points, swept_param, list(metrics), folder / "summary.png")
         client.log_artifacts(parent_run_id, str(folder), artifact_path)
+    now = int(time.time() * 1000)
+    new_points = []
     if numeric and frame[swept_param].dtype.kind == "i":
         # Every job of a sweep may refresh the summary: log only the points the parent does not hold yet.
-        now = int(time.time() * 1000)
-        points = []
         for m in metrics:
             have = {(h.step, h.value) for h in client.get_metric_history(parent_run_id, m)}
-            points += [Metric(m, float(v), now, int(x)) for x, v in zip(frame[swept_param], frame[m])
-                       if not math.isnan(v) and (int(x), float(v)) not in have]
-        for start in range(0, len(points), 1000):
-            client.log_batch(parent_run_id, metrics=points[start : start + 1000])
-    client.set_tag(parent_run_id, "mmembed.sweep.param", swept_param)
+            new_points += [Metric(m, float(v), now, int(x)) for x, v in zip(points[swept_param], points[m])
+                           if not math.isnan(v) and (int(x), float(v)) not in have]
+    if best is not None:
+        row = points[points[swept_param] == best[0]].iloc[0]
+        new_points += [Metric(f"best/{m}", float(row[m]), now, 0) for m in metrics if not math.isnan(row[m])]
+        client.set_tag(parent_run_id, SWEEP_BEST_TAG, f"{swept_param}={best[0]} ({best[1]} {best[2]:.2f})")
+    for start in range(0, len(new_points), 1000):
+        client.log_batch(parent_run_id, metrics=new_points[start : start + 1000])
+    client.set_tag(parent_run_id, SWEEP_PARAM_TAG, swept_param)
     return frame
 
 
-def _plot_sweep(frame: pd.DataFrame, param: str, metrics: list[str], numeric: bool, path: Path) -> None:
+def _point_table(frame: pd.DataFrame, param: str, metrics: list[str]) -> pd.DataFrame:
+    """Per swept value: ``runs`` (how many children) and each metric's mean and ``<metric> std`` (0 for one run)."""
+    import pandas as pd
+
+    rows = []
+    for value, group in frame.groupby(param, sort=True):
+        row: dict[str, Any] = {param: value, "runs": len(group)}
+        for m in metrics:
+            vals = group[m].dropna()
+            row[m] = float(vals.mean()) if len(vals) else float("nan")
+            row[f"{m} std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+        rows.append(row)
+    return pd.DataFrame(rows, columns=[param, "runs", *[c for m in metrics for c in (m, f"{m} std")]])
+
+
+def _mean_std_table(points: pd.DataFrame, param: str, metrics: list[str]) -> pd.DataFrame:
+    import pandas as pd
+
+    out = {param: list(points[param]), "runs": list(points["runs"])}
+    for m in metrics:
+        out[m] = [("" if math.isnan(v) else f"{v:.2f}" + (f" ± {s:.2f}" if n > 1 else ""))
+                  for v, s, n in zip(points[m], points[f"{m} std"], points["runs"])]
+    return pd.DataFrame(out)
+
+
+def _best_point(points: pd.DataFrame, param: str, metrics: list[str]) -> tuple[Any, str, float] | None:
+    """``(value, metric, score)`` of the best point by the first metric that has values (lowest for losses)."""
+    for m in metrics:
+        vals = points[m]
+        if len(vals) and not vals.isna().all():
+            idx = vals.idxmin() if "loss" in m else vals.idxmax()
+            return points.loc[idx, param], m, float(vals[idx])
+    return None
+
+
+def _plot_sweep(points: pd.DataFrame, param: str, metrics: list[str], path: Path) -> None:
+    """One panel per metric (their scales differ: a loss and a percentage share no axis); the swept values as
+    evenly spaced categories (ranks 8/16/32 and factors 1/2/4 are not linear quantities); mean ± std error bars
+    when a point has several runs (seeds)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.5, 4.0), layout="constrained")
+    shown = [m for m in metrics if m in points and not points[m].isna().all()] or metrics[:1]
+    fig = Figure(figsize=(0.6 + 3.0 * len(shown), 3.2), layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    x = list(frame[param]) if numeric else list(range(len(frame)))
-    for m in metrics:
-        ax.plot(x, frame[m], marker="o", label=m)
-    if not numeric:
-        ax.set_xticks(x, [str(v) for v in frame[param]], rotation=30, ha="right")
-    ax.set_xlabel(param)
-    ax.set_ylabel("score")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    axes = fig.subplots(1, len(shown), squeeze=False)[0]
+    x = list(range(len(points)))
+    labels = [str(v) for v in points[param]]
+    repeated = bool(len(points)) and int(points["runs"].max()) > 1
+    for ax, m in zip(axes, shown):
+        yerr = list(points[f"{m} std"]) if repeated and f"{m} std" in points else None
+        ax.errorbar(x, list(points[m]) if m in points else [], yerr=yerr, marker="o", capsize=4)
+        ax.set_xticks(x, labels)
+        ax.set_xlim(-0.5, max(len(x) - 0.5, 0.5))
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel(param.rsplit(".", 1)[-1])
+        ax.grid(alpha=0.3)
+    runs = f"mean \u00b1 std over up to {int(points['runs'].max())} runs per point" if repeated else "one run per point"
+    fig.suptitle(f"{param} ({runs})", fontsize=10)
     fig.savefig(path, dpi=100)

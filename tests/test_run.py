@@ -15,12 +15,13 @@ SHORT = ["synth.size=ci", "trainer.max_steps=2", "data.samples_per_epoch=32", "d
          "data.num_workers=0", "callbacks=none", "trainer.log_every_n_steps=1"]
 
 
-def _run(tmp_path: Path, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+def _run(tmp_path: Path, args: list[str], timeout: int = 600, ok: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "MMEMBED_ROOT": str(tmp_path), "OMP_NUM_THREADS": "2"}
     r = subprocess.run([sys.executable, str(RUN), *args, f"hydra.run.dir={tmp_path}/run",
                         f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=timeout)
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    if ok:
+        assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     return r
 
 
@@ -70,9 +71,36 @@ def test_multirun_sweep_makes_parent_with_children(tmp_path):
     assert sorted(r.data.params["backbone.finetune.lora_r"] for r in children) == ["16", "8"]
     parent = parents.pop()
     arts = {a.path for a in client.list_artifacts(parent, "sweep_summary")}
-    assert {"sweep_summary/summary.csv", "sweep_summary/summary.png"} <= arts
+    assert {"sweep_summary/summary.csv", "sweep_summary/summary.png", "sweep_summary/points.json"} <= arts
     csv = Path(client.download_artifacts(parent, "sweep_summary/summary.csv", str(tmp_path))).read_text()
     assert "backbone.finetune.lora_r" in csv and "train/loss" in csv
+    # What the MLflow UI shows: a model-training experiment; the parent named for what it sweeps, tagged, ended.
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    run = client.get_run(parent)
+    assert run.info.run_name == "ablation_lora_r: backbone.finetune.lora_r \u2208 {8, 16}"
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mmembed.sweep.param"] == "backbone.finetune.lora_r"
+    assert run.data.tags["mmembed.sweep.values"] == "8, 16" and run.data.tags["mmembed.sweep.failed"] == "none"
+    assert sorted(r.info.run_name for r in children) == ["lora_r=16 seed=0", "lora_r=8 seed=0"]
+    assert {r.info.status for r in children} == {"FINISHED"}
+
+
+@pytest.mark.slow
+def test_multirun_sweep_with_a_failing_point_ends_failed_and_says_which(tmp_path):
+    # batch_size 64 cannot fill one batch from samples_per_epoch=32: that point fails inside fit.
+    r = _run(tmp_path, ["-m", "+exp=stage2_warmup", "data.batch_size=4,64",
+                        *[a for a in SHORT if not a.startswith("data.batch_size")], "save_embedder=false"], ok=False)
+    assert r.returncode != 0
+    client = _client(tmp_path)
+    runs = client.search_runs([client.get_experiment_by_name("mmembed").experiment_id])
+    (parent,) = [x for x in runs if x.data.tags.get("mmembed.sweep_parent") == "true"]
+    children = {x.info.run_name: x.info.status for x in runs if "mlflow.parentRunId" in x.data.tags}
+    assert children == {"batch_size=4 seed=0": "FINISHED", "batch_size=64 seed=0": "FAILED"}
+    assert parent.info.status == "FAILED"
+    assert parent.info.run_name == "stage2_warmup: data.batch_size \u2208 {4, 64}"
+    assert parent.data.tags["mmembed.sweep.failed"].startswith("batch_size=64 seed=0 (ValueError: samples_per_epoch")
+    md = Path(client.download_artifacts(parent.info.run_id, "sweep_summary/summary.md", str(tmp_path))).read_text()
+    assert "Failed points: batch_size=64 seed=0 (ValueError" in md
 
 
 @pytest.mark.slow
@@ -118,3 +146,54 @@ def test_checkpoint_on_main_metric_and_resume(tmp_path):
                     f"ckpt_path={tmp_path}/first/checkpoints/last.ckpt"])
     resumed = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert resumed["global_step"] == 4  # continued from step 2, not restarted
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_matches_the_uninterrupted_run_and_continues_its_mlflow_run(tmp_path):
+    """LoRA dropout on, a checkpoint every 2 steps: kill -9 after the first one, resume with ckpt_path -> the same
+    per-step losses and final scores as a run that was never interrupted, logged to the same MLflow run."""
+    import signal
+    import time
+
+    import torch
+
+    tiny_eval = ["callbacks.mmeb.max_queries=2", "callbacks.visdoc.max_queries=2", "callbacks.mmeb.eval_at_start=false",
+                 "callbacks.visdoc.eval_at_start=false", "callbacks.mmeb.every_n_train_steps=2",
+                 "callbacks.mmeb.subsets=[synth_cls_color,synth_ret_t2i]", "backbone.finetune.lora_dropout=0.3"]
+    base = ["+exp=stage2_warmup", *[a for a in SHORT if a not in ("callbacks=none", "trainer.max_steps=2")],
+            *tiny_eval, "save_embedder=false", "trainer.max_steps=6"]
+    _run(tmp_path, base)  # the uninterrupted run
+    (tmp_path / "run").rename(tmp_path / "full")
+    env = {**os.environ, "MMEMBED_ROOT": str(tmp_path), "OMP_NUM_THREADS": "2"}
+    cmd = [sys.executable, str(RUN), *base, f"hydra.run.dir={tmp_path}/run"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 600
+    while not last.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # let the checkpoint file be written completely
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    ckpt = tmp_path / "killed.ckpt"
+    ckpt.write_bytes(last.read_bytes())
+    k = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+    assert 2 <= k < 6
+    _run(tmp_path, [*base, f"ckpt_path={ckpt}"])
+
+    client = _client(tmp_path)
+    runs = client.search_runs([client.get_experiment_by_name("mmembed").experiment_id],
+                              order_by=["attributes.start_time ASC"])
+    assert len(runs) == 2  # the resume continued the killed run instead of opening a third
+    full, resumed = runs
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["mmembed.resumed"] == "1"
+
+    def last_per_step(run, key):
+        return {m.step: m.value for m in sorted(client.get_metric_history(run.info.run_id, key),
+                                                key=lambda m: m.timestamp)}
+
+    losses_full, losses_resumed = last_per_step(full, "train/loss"), last_per_step(resumed, "train/loss")
+    assert sorted(losses_full) == sorted(losses_resumed) and len(losses_full) >= 6
+    assert losses_resumed == losses_full
+    for key in ("val/mmeb/overall", "val/visdoc/overall"):
+        assert resumed.data.metrics[key] == full.data.metrics[key], key

@@ -6,9 +6,11 @@ the empty schema once per MLflow version (in the temp folder) and copies it for 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -113,7 +115,12 @@ def test_sweep_parent_children_and_summary(tmp_path):
     assert csv[["data.num_negatives", "val/mmeb/overall", "val/visdoc/overall"]].values.tolist() == [
         [0, 55.0, 66.0], [8, 61.0, 70.5], [16, 63.5, 69.0]]
     md = Path(client.download_artifacts(parent, "sweep_summary/summary.md", str(tmp_path))).read_text()
-    assert "| hn16 | 16 | 63.50 | 69.00 |" in md.replace(f"| {children[2]} ", "")
+    assert "| 16 | 1 | 63.50 | 69.00 |" in md  # per point: value, runs, metrics
+    assert f"| {children[2]} | hn16 | FINISHED | 16 | 0 | 63.50 | 69.00 |" in md  # per run
+    assert "Best point: **data.num_negatives = 16** (val/mmeb/overall = 63.50)" in md
+    assert "Failed points: none" in md
+    assert client.get_run(parent).data.metrics["best/val/mmeb/overall"] == 63.5
+    assert client.get_run(parent).data.tags[tracking.SWEEP_BEST_TAG] == "data.num_negatives=16 (val/mmeb/overall 63.50)"
     # The parent also carries the curve as metric history, step = swept value.
     history = client.get_metric_history(parent, "val/mmeb/overall")
     assert sorted((m.step, m.value) for m in history) == [(0, 55.0), (8, 61.0), (16, 63.5)]
@@ -129,3 +136,151 @@ def test_sweep_parent_children_and_summary(tmp_path):
         assert len(tracking.summarize_sweep(parent, "data.num_negatives", tracking_uri=uri)) == 3
     with pytest.raises(ValueError, match="has a param .data.not_swept."):
         tracking.summarize_sweep(parent, "data.not_swept", tracking_uri=uri)
+
+
+def test_new_experiment_is_marked_as_model_training(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = fresh_sqlite_uri(tmp_path / "store")
+    client = MlflowClient(uri)
+    exp_id = tracking.get_or_create_experiment(client, "kind-test")
+    assert client.get_experiment(exp_id).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    # An experiment made elsewhere without a kind gets one; one that has a kind keeps it.
+    bare = client.create_experiment("bare")
+    tracking.get_or_create_experiment(client, "bare")
+    assert client.get_experiment(bare).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    client.set_experiment_tag(bare, tracking.EXPERIMENT_KIND_TAG, "genai_development")
+    tracking.get_or_create_experiment(client, "bare")
+    assert client.get_experiment(bare).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+_CONCURRENT = """
+import sys
+from mmembed import tracking
+logger = tracking.make_mlflow_logger("race", tracking_uri=sys.argv[1], output_dir=sys.argv[2], run_name=sys.argv[3])
+logger.log_metrics({"x": 1.0}, step=0)
+logger.finalize("success")
+"""
+
+
+def test_three_concurrent_runs_on_a_new_store_are_all_recorded(tmp_path):
+    """Three processes start together on a store that does not exist yet: the schema is built once, under the
+    lock, and all three runs are recorded (without the lock one of them used to fail in the migration)."""
+    from mlflow.tracking import MlflowClient
+
+    store = tmp_path / "store"
+    uri = f"sqlite:///{store / tracking.DB_NAME}"
+    env = {**os.environ, "PYTHONPATH": str(Path(tracking.__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT, uri, str(store), f"run{i}"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["run0", "run1", "run2"]
+    assert {r.info.status for r in runs} == {"FINISHED"} and all(r.data.metrics["x"] == 1.0 for r in runs)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # reaped: the pid no longer exists
+    return proc.pid
+
+
+def test_stale_running_run_is_marked_killed_and_a_resume_reopens_it(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    store = tmp_path / "store"
+    uri = fresh_sqlite_uri(store)
+    client = MlflowClient(uri)
+    exp_id = tracking.get_or_create_experiment(client, "stale-test")
+    # A run whose process was killed with kill -9: still RUNNING, its process gone.
+    dead = client.create_run(exp_id, tags={**tracking.process_tags(), tracking.PID_TAG: str(_dead_pid()),
+                                           tracking.PID_START_TAG: "1"}).info.run_id
+    alive = client.create_run(exp_id, tags=tracking.process_tags()).info.run_id  # this very process
+    other_host = client.create_run(exp_id, tags={tracking.HOST_TAG: "elsewhere", tracking.PID_TAG: "1"}).info.run_id
+    logger = tracking.make_mlflow_logger("stale-test", tracking_uri=uri, output_dir=store, run_name="next")
+    assert client.get_run(dead).info.status == "KILLED"
+    assert "ended without closing the run" in client.get_run(dead).data.tags[tracking.END_REASON_TAG]
+    assert client.get_run(alive).info.status == "RUNNING" and client.get_run(other_host).info.status == "RUNNING"
+    assert client.get_run(logger.run_id).data.tags[tracking.PID_TAG] == str(os.getpid())
+    # Resuming the killed run continues it: RUNNING again, this process, counted as resumed; metrics go to it.
+    resumed = tracking.make_mlflow_logger("stale-test", tracking_uri=uri, output_dir=store, run_id=dead)
+    resumed.log_metrics({"train/loss": 0.5}, step=7)
+    run = client.get_run(dead)
+    assert run.info.status == "RUNNING" and run.data.tags[tracking.RESUMED_TAG] == "1"
+    assert run.data.tags[tracking.PID_TAG] == str(os.getpid()) and run.data.metrics["train/loss"] == 0.5
+    resumed.finalize("success")
+    assert client.get_run(dead).info.status == "FINISHED"
+    assert len(client.search_runs([exp_id])) == 4  # no new run was opened for the resume
+
+
+def _child(uri, store, parent, name, value, seed, mmeb, status="success"):
+    logger = tracking.make_mlflow_logger("grid", tracking_uri=uri, output_dir=store, run_name=name,
+                                         parent_run_id=parent)
+    tracking.log_config(logger, {"backbone": {"finetune": {"lora_r": value}}, "seed": seed},
+                        experiment=f"ablation_lora_r{value}")
+    logger.log_metrics({"val/mmeb/overall": mmeb, "train/loss": 1.0 / value}, step=2)
+    logger.finalize(status)
+    return logger.run_id
+
+
+def test_sweep_parent_is_named_tagged_and_ended_by_its_jobs(tmp_path):
+    """What the MLflow UI shows of a 2-point sweep with 2 seeds, then of a sweep whose second point failed."""
+    from mlflow.tracking import MlflowClient
+
+    store = tmp_path / "store"
+    uri = fresh_sqlite_uri(store)
+    client = MlflowClient(uri)
+    param = "backbone.finetune.lora_r"
+    parent = tracking.start_sweep("grid", tmp_path / "sweep1", {"+exp": ["ablation_lora_r8", "ablation_lora_r16"],
+                                                                 "seed": ["0", "1"]}, num_jobs=4,
+                                  tracking_uri=uri, output_dir=store)
+    assert client.get_run(parent).info.run_name.startswith("ablation_lora_r: +exp \u2208 {ablation_lora_r16, ")
+    # Values made up; seeds differ by 2 points.
+    scores = {(8, 0): 20.0, (8, 1): 22.0, (16, 0): 25.0, (16, 1): 27.0}
+    for job, ((value, seed), mmeb) in enumerate(scores.items()):
+        name = tracking.sweep_point_name(param, value, seed)
+        run_id = _child(uri, store, parent, name, value, seed, mmeb)
+        tracking.record_sweep_job(parent, job, name, value, "COMPLETED", uri, f"ablation_lora_r{value}", run_id)
+        status = tracking.update_sweep_parent(parent, param, ["val/mmeb/overall", "train/loss"], uri)
+        assert status == ("FINISHED" if job == 3 else "RUNNING")  # ends with its last job
+    run = client.get_run(parent)
+    assert run.info.run_name == "ablation_lora_r: backbone.finetune.lora_r \u2208 {8, 16}"
+    assert run.data.tags[tracking.SWEEP_PARAM_TAG] == param and run.data.tags[tracking.SWEEP_VALUES_TAG] == "8, 16"
+    assert run.data.tags[tracking.SWEEP_FAILED_TAG] == "none"
+    assert run.data.metrics["best/val/mmeb/overall"] == 26.0  # mean of the two seeds of lora_r=16
+    names = sorted(c.info.run_name for c in tracking.child_runs(client, parent))
+    assert names == ["lora_r=16 seed=0", "lora_r=16 seed=1", "lora_r=8 seed=0", "lora_r=8 seed=1"]
+    md = Path(client.download_artifacts(parent, "sweep_summary/summary.md", str(tmp_path))).read_text()
+    assert "| 8 | 2 | 21.00 ± 1.41 | 0.12 ± 0.00 |" in md and "| 16 | 2 | 26.00 ± 1.41 | 0.06 ± 0.00 |" in md
+    table = json.loads(Path(client.download_artifacts(parent, "sweep_summary/points.json", str(tmp_path))).read_text())
+    assert table["columns"][:3] == [param, "runs", "val/mmeb/overall"]
+    assert [row[:3] for row in table["data"]] == [[8, 2, 21.0], [16, 2, 26.0]]
+    assert {a.path for a in client.list_artifacts(parent, "sweep_summary")} >= {"sweep_summary/summary.png"}
+
+    # A sweep whose second point failed before it could log anything: the parent ends FAILED and says which.
+    parent = tracking.start_sweep("grid", tmp_path / "sweep2", {"+exp": ["ablation_lora_r8", "ablation_lora_r16"]},
+                                  num_jobs=2, tracking_uri=uri, output_dir=store)
+    run_id = _child(uri, store, parent, "lora_r=8 seed=0", 8, 0, 20.0)
+    tracking.record_sweep_job(parent, 0, "lora_r=8 seed=0", 8, "COMPLETED", uri, "ablation_lora_r8", run_id)
+    tracking.update_sweep_parent(parent, param, ["val/mmeb/overall"], uri)
+    tracking.record_sweep_job(parent, 1, "lora_r=16 seed=0", 16, "FAILED", uri, "ablation_lora_r16",
+                              error="ValueError: r must be > 0")
+    assert tracking.update_sweep_parent(parent, param, ["val/mmeb/overall"], uri) == "FAILED"
+    run = client.get_run(parent)
+    assert run.info.status == "FAILED"
+    assert run.info.run_name == "ablation_lora_r: backbone.finetune.lora_r \u2208 {8, 16}"
+    assert run.data.tags[tracking.SWEEP_FAILED_TAG] == "lora_r=16 seed=0 (ValueError: r must be > 0)"
+    md = Path(client.download_artifacts(parent, "sweep_summary/summary.md", str(tmp_path / "b"))).read_text()
+    assert "Failed points: lora_r=16 seed=0 (ValueError: r must be > 0)" in md
+
+
+def test_swept_param_and_names():
+    assert tracking.resolve_swept_param(None, ["+exp", "data.batch_size"]) == "data.batch_size"
+    assert tracking.resolve_swept_param(None, ["+exp"]) == "exp_name"
+    assert tracking.resolve_swept_param(None, ["seed"]) == "seed"
+    assert tracking.resolve_swept_param("backbone.vtc_factor", ["+exp"]) == "backbone.vtc_factor"
+    assert tracking.sweep_name(["ablation_hn0", "ablation_hn12", "ablation_hn4"]) == "ablation_hn"
+    assert tracking.sweep_name(["quickstart"]) == "quickstart" and tracking.sweep_name([]) == "sweep"
+    assert tracking.sweep_point_name("backbone.finetune.lora_r", 8, 0) == "lora_r=8 seed=0"
