@@ -23,6 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmembed.backbone.templates import instructions_for
 from mmembed.types import Item
 
 IMAGE_PLACEHOLDER = "<|image_1|>"
@@ -34,8 +35,7 @@ DOCUMENT_QUERY_SUBSETS = frozenset({"DocVQA", "InfographicsVQA", "ChartQA", "syn
 DOCUMENT_CANDIDATE_SUBSETS = frozenset({"Wiki-SS-NQ"})
 
 #: The paper's T->VD instructions (Table 11: identical for ColPali, VisRAG, ViDoSeek and MMLongBench).
-VISDOC_QUERY_INSTRUCTION = "Retrieve relevant visual documents based on a given query."
-VISDOC_TARGET_INSTRUCTION = "Represent the given visual documents."
+VISDOC_QUERY_INSTRUCTION, VISDOC_TARGET_INSTRUCTION = instructions_for("ColPali")
 
 # Legacy (MMEB v1 / MMEB-train) strings fuse "instruction: content". These verbs open every VLM2Vec instruction.
 _INSTRUCTION_START = re.compile(r"^(Represent|Find|Retrieve|Select|Identify|Given|Match|Determine|Classify)\b")
