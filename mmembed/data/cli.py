@@ -48,6 +48,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="override the task (t2i, i2t, it2t, ...)")
     p.add_argument("--meta-task", help="override the meta-task (classification, vqa, retrieval, grounding, visdoc)")
     p.add_argument("--limit", type=int, help="convert only the first N rows")
+    p.add_argument("--split", default="original",
+                   help="hub-layout folder: which split's shards to read (original | diverse_instruction)")
     _instruction_args(p)
 
     p = conv.add_parser("visdoc-beir", help="BEIR-layout visual-document set (queries/corpus/qrels)")
@@ -101,7 +103,8 @@ def _convert(args: argparse.Namespace) -> list:
              "target_instruction": getattr(args, "target_instruction", None)}
     if args.format == "mmeb":
         return [cv.mmeb_train_to_shards(args.parquet, args.image_root, args.out, args.dataset, task=args.task,
-                                        meta_task=args.meta_task, limit=args.limit, **instr, **common)]
+                                        meta_task=args.meta_task, limit=args.limit, split=args.split, **instr,
+                                        **common)]
     if args.format == "visdoc-beir":
         return [cv.visdoc_beir_to_shards(args.folder, args.out, args.dataset, min_score=args.min_score, **instr,
                                          **common)]

@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from PIL import Image
 
-from mmembed.data.evalsets import find_beir_part, image_cell, read_parquet, split_legacy_text
+from mmembed.data.evalsets import find_beir_part, hub_splits, image_cell, read_parquet, split_legacy_text
 from mmembed.data.schema import META_TASKS, TASKS, Sample, Side
 from mmembed.data.shards import SkipCounter, SkipSample, write_shards
 
@@ -222,6 +222,7 @@ def mmeb_train_to_shards(
     maxcount: int = 1000,
     limit: int | None = None,
     progress: bool = False,
+    split: str | None = "original",
 ) -> ConvertReport:
     """Convert one MMEB-train subset to shards.
 
@@ -236,6 +237,9 @@ def mmeb_train_to_shards(
         task / meta_task: Override (required for subsets not in :data:`MMEB_TRAIN_SUBSETS`).
         query_kind: ``natural``/``document`` (default: document for DocVQA, InfographicsVQA, ChartQA).
         limit: Convert only the first ``limit`` rows.
+        split: For a hub-layout folder (``{subset}/original-*.parquet`` next to ``diverse_instruction-*.parquet``),
+            which split to read; both hold the same pairs with other source instructions, which are replaced by
+            the paper's anyway. Ignored for a single file or a folder without hub shard names.
     """
     path = Path(parquet)
     dataset = dataset or (path.name if path.is_dir() else path.stem)
@@ -246,7 +250,8 @@ def mmeb_train_to_shards(
     )
     q_inst, t_inst = resolve_instructions(dataset, task, query_instruction, target_instruction)
     q_kind = query_kind or ("document" if dataset in DOCUMENT_QUERY_SUBSETS else "natural")
-    table = read_parquet(path, "MMEB-train")
+    shards = hub_splits(sorted(path.rglob("*.parquet"))) if path.is_dir() else {}
+    table = read_parquet(path, "MMEB-train", split=split if shards else None)
     needed = ["qry", "qry_image_path", "pos_text", "pos_image_path"]
     missing = [c for c in needed if c not in table.column_names]
     if missing:

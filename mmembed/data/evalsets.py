@@ -70,12 +70,41 @@ def _none_if_empty(value: Any) -> str | None:
     return value or None
 
 
-def read_parquet(path: Path, what: str) -> pa.Table:
-    """Read one parquet file, or every ``*.parquet`` under a folder (the Hugging Face layout), as one table."""
+_HUB_SHARD = re.compile(r"^(?P<split>[\w.]+)-\d{5}-of-\d{5}$")
+
+
+def hub_splits(files: Sequence[Path]) -> dict[str, list[Path]]:
+    """Group hub shard files (``{split}-00000-of-0000N.parquet``) by split; other file names are left out."""
+    out: dict[str, list[Path]] = {}
+    for f in files:
+        m = _HUB_SHARD.match(f.stem)
+        if m:
+            out.setdefault(m["split"], []).append(f)
+    return out
+
+
+def read_parquet(path: Path, what: str, split: str | None = None) -> pa.Table:
+    """Read one parquet file, or every ``*.parquet`` under a folder (the Hugging Face layout), as one table.
+
+    Args:
+        path: A parquet file or a folder of them.
+        what: What is read, for error messages.
+        split: In a folder of hub shards (``{split}-00000-of-0000N.parquet``), read only this split's shards
+            (MMEB-train ships ``original`` and ``diverse_instruction`` side by side). Without it, a folder holding
+            shards of several splits is an error rather than a silent concatenation.
+    """
     if path.is_dir():
         files = sorted(path.rglob("*.parquet"))
         if not files:
             raise FileNotFoundError(f"{path} holds no .parquet files; point to the {what} parquet file or its folder")
+        splits = hub_splits(files)
+        if split is not None:
+            if split not in splits:
+                raise FileNotFoundError(f"{path} has no '{split}-*.parquet' shards (splits there: {sorted(splits)}); "
+                                        "choose one of those")
+            files = splits[split]
+        elif len(splits) > 1:
+            raise ValueError(f"{path} holds shards of several splits {sorted(splits)}; choose one (split=...)")
         return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; point to the {what} parquet file or its folder")
