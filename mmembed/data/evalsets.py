@@ -182,6 +182,7 @@ def read_mmeb(
     meta_task: str | None = None,
     split: str | None = None,
     check_images: bool = True,
+    instructions: str = "paper",
 ) -> MMEBSubset:
     """Read one MMEB image-eval subset.
 
@@ -195,15 +196,27 @@ def read_mmeb(
             in :data:`DOCUMENT_QUERY_SUBSETS` / :data:`DOCUMENT_CANDIDATE_SUBSETS`.
         meta_task / split: Labels carried into the result for reporting.
         check_images: Fail early, naming the first missing file, if any referenced image is absent.
+        instructions: ``"paper"`` (default): the query/target instructions of the paper's Tables 11-12 for this
+            subset name -- the ones training uses -- replacing the file's (every v1 bare-label candidate gets the
+            target instruction too); names not in the tables keep the file's. ``"file"``: the file's own.
 
     Raises:
-        ValueError: Unknown version, missing columns, or a row whose text and image lists differ in length.
+        ValueError: Unknown version or instructions mode, missing columns, or a row whose text and image lists
+            differ in length.
         FileNotFoundError: Missing parquet or images.
     """
     if version not in ("v1", "v2"):
         raise ValueError(f"unknown MMEB version {version!r}; use 'v2' (qry_inst/tgt_inst columns) or 'v1'")
+    if instructions not in ("paper", "file"):
+        raise ValueError(f"instructions must be 'paper' (Tables 11-12) or 'file', got {instructions!r}")
     path, root = Path(parquet_path), Path(image_root)
     name = name or path.stem
+    paper: tuple[str, str] | None = None
+    if instructions == "paper":
+        try:
+            paper = instructions_for(name)
+        except KeyError:
+            paper = None  # not a public subset (e.g. synthetic): the file's instructions are the only ones
     table = read_parquet(path, f"MMEB {version} subset")
     columns = V2_COLUMNS if version == "v2" else V1_COLUMNS
     other = "v1" if version == "v2" else "v2"
@@ -231,6 +244,8 @@ def read_mmeb(
         if len(texts) != len(paths) or not texts:
             raise ValueError(f"{path} row {i}: tgt_text has {len(texts)} entries and tgt_img_path {len(paths)}; "
                              "each candidate needs one of each (use '' for an absent text or image)")
+        if paper is not None:
+            q_inst = paper[0]
         q = queries.add(q_inst, q_text, image(rec["qry_img_path"]), qkind)
         t_inst = _none_if_empty(strip_placeholder(rec["tgt_inst"])) if version == "v2" else None
         cands = []
@@ -239,6 +254,8 @@ def read_mmeb(
                 c_inst, c_text = t_inst, _none_if_empty(strip_placeholder(text))
             else:
                 c_inst, c_text = split_legacy_text(text)
+            if paper is not None:
+                c_inst = paper[1]
             cands.append(candidates.add(c_inst, c_text, image(img), ckind))
         rows.append(MMEBRow(q, cands))
     subset = MMEBSubset(name, queries.items, candidates.items, rows, meta_task=meta_task, split=split)

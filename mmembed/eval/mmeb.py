@@ -209,6 +209,7 @@ def evaluate_mmeb(
     ties: metrics.Ties = "average",
     show_progress: bool | None = None,
     extra: dict | None = None,
+    instructions: str = "paper",
 ) -> MMEBResult:
     """Evaluate an embedder on MMEB-format subsets (paper Table 3 protocol).
 
@@ -231,6 +232,8 @@ def evaluate_mmeb(
         ties: Tie rule for Precision@1 (see module docstring).
         show_progress: Progress bars while encoding (default: on long inputs).
         extra: Context stored in ``metrics.json``.
+        instructions: ``"paper"`` (Tables 11-12, as in training; default) or ``"file"`` (the parquet's own); see
+            :func:`mmembed.data.evalsets.read_mmeb`.
 
     Returns:
         An :class:`MMEBResult` with per-subset, per-meta-task, IND/OOD and overall Precision@1, all x100.
@@ -243,12 +246,13 @@ def evaluate_mmeb(
         paths = {n: paths[n] for n in names}
     info_table = {**shipped, **(groups or {})}
     out = Path(out_dir) if out_dir is not None else None
-    result = MMEBResult("mmeb", "precision@1", "E" if reranker is None else "E+R", out_dir=out, extra=dict(extra or {}))
+    result = MMEBResult("mmeb", "precision@1", "E" if reranker is None else "E+R", out_dir=out,
+                        extra={"instructions": instructions, **(extra or {})})
     for name, path in paths.items():
         with Timer() as t:
             root = Path(image_root) if image_root is not None else _default_image_root(path)
             kinds = {k: meta.get(name, {}).get(k) for k in ("query_kind", "candidate_kind")}
-            subset = read_mmeb(path, root, version, name=name, **kinds)
+            subset = read_mmeb(path, root, version, name=name, instructions=instructions, **kinds)
             if max_queries is not None:
                 subset.rows = subset.rows[:max_queries]
                 _prune(subset)
