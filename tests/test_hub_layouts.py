@@ -79,3 +79,23 @@ def test_mmeb_train_hub_folder_reads_one_split(tmp_path):
         mmeb_train_to_shards(sub, img, tmp_path / "o3", split="train")
     with pytest.raises(ValueError, match="several splits"):
         read_parquet(sub, "MMEB-train")
+
+
+def test_visdoc_pairs_hub_folder_with_image_structs_and_splits(tmp_path):
+    import pyarrow as pa
+
+    from mmembed.data.converters import visdoc_pairs_to_shards
+    from tests.fixtures_data import IMAGE_STRUCT
+
+    data = tmp_path / "colpali_train_set" / "data"
+    schema = pa.schema([("query", pa.string()), ("image", IMAGE_STRUCT)])
+    for split, n in (("train", 3), ("test", 1)):
+        write_parquet(data / f"{split}-00000-of-00001.parquet", {
+            "query": [f"{split} q{i}" for i in range(n)],
+            "image": [{"bytes": png_bytes((10 * i, 0, 0), (30, 40)), "path": f"p{i}.png"} for i in range(n)]}, schema)
+    with pytest.raises(ValueError, match=r"several splits \['test', 'train'\]"):
+        visdoc_pairs_to_shards(data, tmp_path / "out", "Colpali")
+    report = visdoc_pairs_to_shards(data, tmp_path / "out", "Colpali", split="train")
+    samples = [d.sample for d in iter_decoded(report.shards)]
+    assert [s.query.text for s in samples] == ["train q0", "train q1", "train q2"]
+    assert all(s.positive.kind == "document" and s.task == "t2vd" for s in samples)

@@ -65,6 +65,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-column", default="image")
     p.add_argument("--image-root", help="base folder for image paths stored as strings")
     p.add_argument("--limit", type=int)
+    p.add_argument("--split", default=None, help="hub-layout folder with several splits: which one (e.g. train)")
     _instruction_args(p)
 
     p = conv.add_parser("jsonl", help="generic JSON lines {query, positive, negatives, dataset}")
@@ -111,7 +112,7 @@ def _convert(args: argparse.Namespace) -> list:
     if args.format == "visdoc-pairs":
         return [cv.visdoc_pairs_to_shards(args.parquet, args.out, args.dataset, query_column=args.query_column,
                                           image_column=args.image_column, image_root=args.image_root,
-                                          limit=args.limit, **instr, **common)]
+                                          limit=args.limit, split=args.split, **instr, **common)]
     if args.format == "jsonl":
         return cv.jsonl_to_shards(args.jsonl, args.image_root, args.out, dataset=args.dataset, task=args.task,
                                   meta_task=args.meta_task, **instr, **common)

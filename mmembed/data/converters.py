@@ -369,18 +369,29 @@ def visdoc_pairs_to_shards(
     maxcount: int = 1000,
     limit: int | None = None,
     progress: bool = False,
+    split: str | None = None,
 ) -> ConvertReport:
     """Convert ColPali/VisRAG-style (query, page image) pairs to t2vd shards.
 
     Args:
-        parquet: A parquet file or a folder of them (e.g. the ColPali train set's ``data/``).
+        parquet: A parquet file or a folder of them (the hub layout: ``data/train-00000-of-000NN.parquet``, as the
+            ColPali and VisRAG training sets ship).
         image_column: HF Image struct, raw bytes, or a path (relative to ``image_root``).
+        split: In a folder holding shards of several splits (``train-*`` and ``test-*``), read this one; a folder
+            with several splits and no choice is an error rather than a silent mix.
     """
     path = Path(parquet)
     q_inst, t_inst = resolve_instructions(dataset, "t2vd", query_instruction, target_instruction)
     files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
     if not files or not files[0].exists():
         raise FileNotFoundError(f"{path}: no parquet files; point to the pairs parquet file or its folder")
+    splits = hub_splits(files) if path.is_dir() else {}
+    if split is not None and splits:
+        if split not in splits:
+            raise FileNotFoundError(f"{path} has no '{split}-*.parquet' shards (splits there: {sorted(splits)})")
+        files = splits[split]
+    elif len(splits) > 1:
+        raise ValueError(f"{path} holds shards of several splits {sorted(splits)}; choose one with --split")
     names = pq.ParquetFile(files[0]).schema_arrow.names
     missing = [c for c in (query_column, image_column) if c not in names]
     if missing:
