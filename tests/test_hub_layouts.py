@@ -99,3 +99,15 @@ def test_visdoc_pairs_hub_folder_with_image_structs_and_splits(tmp_path):
     samples = [d.sample for d in iter_decoded(report.shards)]
     assert [s.query.text for s in samples] == ["train q0", "train q1", "train q2"]
     assert all(s.positive.kind == "document" and s.task == "t2vd" for s in samples)
+
+
+def test_vidore_beir_hub_layout_reads_with_image_structs(tmp_path):
+    from mmembed.data.evalsets import read_beir_visdoc
+    from tests.fixtures_data import write_beir
+
+    folder = write_beir(tmp_path / "vidore_docvqa_test_subsampled_beir", hf_layout=True)
+    assert (folder / "corpus" / SHARD).is_file() and not (folder / "corpus.parquet").exists()
+    s = read_beir_visdoc(folder)
+    assert s.name == "vidore_docvqa_test_subsampled_beir" and s.query_ids == ["q1", "q2"]
+    assert s.corpus_ids == ["p1", "p2", "p3"] and all(it.kind == "document" for it in s.corpus)
+    assert s.qrels == {"q1": {"p1": 1}, "q2": {"p2": 2, "p3": 0}} and s.dropped == {"no_qrels": 1}
