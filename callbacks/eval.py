@@ -1,4 +1,4 @@
-"""Lightning callbacks that run the MMEB / VisDoc runners during training and log the scores.
+"""Lightning callbacks that run the MMEB / VisDoc / cross-modal runners during training and log the scores.
 
 When: every ``every_n_train_steps`` optimizer steps (``on_train_batch_end``), every ``every_n_epochs`` epochs
 (``on_train_epoch_end``), before training (``eval_at_start``, ``on_train_start``; not again when resuming) and after
@@ -228,3 +228,27 @@ class VisDocEvalCallback(BenchmarkEvalCallback):
                                ind_ood=self.ind_ood, names=self.sets, reranker=self.reranker,
                                rerank_k=self.rerank_k, run_depth=self.run_depth, max_queries=self.max_queries,
                                show_progress=False, extra=extra)
+
+
+class XModalEvalCallback(BenchmarkEvalCallback):
+    """Evaluate on Table 5's cross-modal sets during training (Hit@1 both ways; SugarCrepe accuracy).
+
+    Args:
+        data: A folder with ``sets.json`` (see :mod:`mmembed.data.xmodal`) or a synthetic-world root.
+        sets: Only these sets.
+        **kwargs: Scheduling and logging options of :class:`BenchmarkEvalCallback` (no reranker: Table 5 is E only).
+    """
+
+    benchmark = "xmodal"
+
+    def __init__(self, data: str | Path, sets: list[str] | None = None, **kwargs: Any) -> None:
+        if kwargs.get("reranker") is not None:
+            raise ValueError("XModalEvalCallback evaluates the embedder only (paper Table 5); drop reranker")
+        super().__init__(**kwargs)
+        self.data, self.sets = data, sets
+
+    def evaluate(self, embedder: Any, out_dir: Path, extra: dict[str, Any]) -> BenchmarkResult:
+        from mmembed.eval.xmodal import evaluate_xmodal
+
+        return evaluate_xmodal(embedder, self.data, out_dir, batch_size=self.batch_size, names=self.sets,
+                               max_queries=self.max_queries, show_progress=False, extra=extra)

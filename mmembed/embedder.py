@@ -11,7 +11,6 @@ from rich.progress import track
 
 from mmembed.backbone.inputs import InputBuilder, TilePolicy
 from mmembed.backbone.model import MMEMBED_CONFIG, VTCBackbone, build_backbone
-from mmembed.backbone.vtc import tokens_per_tile
 from mmembed.types import Item, Role
 
 
@@ -43,7 +42,7 @@ class Embedder:
             device: where to run; default CUDA when available.
             dtype: parameter dtype; default the checkpoint's (fp32 for presets).
             seed: init seed for presets.
-            **builder_kwargs: ``use_chat_template``, ``max_text_tokens`` for the ``InputBuilder``.
+            **builder_kwargs: ``use_chat_template``, ``max_text_tokens``, ``pooled_token`` for the ``InputBuilder``.
         """
         module = build_backbone(name_or_path, vtc_factor, vtc_placement, finetune=None, dtype=dtype, seed=seed,
                                 tile_policy=tile_policy, **builder_kwargs)
@@ -103,33 +102,39 @@ class Embedder:
         return out
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write a self-contained folder: merged weights (safetensors), tokenizer, image processor, VTC settings.
+        """Write a self-contained folder: merged weights (safetensors), config, processor, VTC settings.
 
-        LoRA adapters are merged into a copy of the weights; the saved ``config.json`` is the stock native one, so
-        ``InternVLForConditionalGeneration.from_pretrained(path)`` loads every weight in plain transformers, and
-        ``Embedder.from_pretrained(path)`` restores compression and tiling from ``mmembed.json``.
+        LoRA adapters are merged into a copy of the weights. The folder cannot silently lose compression: its
+        ``config.json`` and ``processor_config.json`` record the *compressed* ``image_seq_length`` (64 per tile at
+        factor 2), so a plain-transformers model (which makes 256 features per tile) fed by the exported processor
+        stops with transformers' "Image features and image tokens do not match" instead of embedding without
+        compression. ``Embedder.from_pretrained(path)`` restores compression, tiling and prompts from
+        ``mmembed.json``; with plain transformers apply compression in two lines (docs/real_data.md)::
+
+            model = InternVLForConditionalGeneration.from_pretrained(path)
+            apply_vtc(model.model, model.config.vtc_factor, model.config.vtc_placement)  # mmembed.backbone.vtc
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         model = self.module.model
         if hasattr(model, "merge_and_unload"):
             model = copy.deepcopy(model).merge_and_unload()
-        cfg = model.config
-        compressed = cfg.image_seq_length
-        cfg.image_seq_length = tokens_per_tile(cfg, 1)
-        try:
-            model.save_pretrained(path, safe_serialization=True)
-        finally:
-            cfg.image_seq_length = compressed
+        model.save_pretrained(path, safe_serialization=True)  # config: compressed image_seq_length + vtc_* fields
         b = self.input_builder
-        b.tokenizer.save_pretrained(path)
+        b.processor.save_pretrained(path)  # tokenizer, chat template, processor_config.json (image_seq_length)
         b.processor.image_processor.save_pretrained(path)
+        # Name the stock class, so AutoProcessor builds InternVLProcessor (our subclass only drops the video part).
+        proc_file = path / "processor_config.json"
+        proc = json.loads(proc_file.read_text())
+        proc["processor_class"] = "InternVLProcessor"
+        proc_file.write_text(json.dumps(proc, indent=2))
         settings = {
             "vtc_factor": self.module.vtc_factor,
             "vtc_placement": self.module.vtc_placement,
             "tile_policy": {"natural": b.tile_policy.natural, "document": b.tile_policy.document},
             "use_chat_template": b.use_chat_template,
             "max_text_tokens": b.max_text_tokens,
+            "pooled_token": b.pooled_token,
         }
         (path / MMEMBED_CONFIG).write_text(json.dumps(settings, indent=2))
         return path

@@ -111,7 +111,7 @@ def test_instruction_tables_lookup():
 
 def test_templates_follow_paper():
     q = format_item_text("a cat", "Find it.", True, "query", "<IMG_CONTEXT>")
-    assert q == "Instruct: Find it. <IMG_CONTEXT> Query: a cat"
+    assert q == "Instruct: Find it. <IMG_CONTEXT>\nQuery: a cat"
     c = format_item_text("a cat", "Represent the given text.", False, "candidate", "<IMG_CONTEXT>")
     assert c == "Instruct: Represent the given text. Text: a cat"
 

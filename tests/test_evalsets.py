@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from mmembed.backbone.templates import instructions_for
 from mmembed.data.evalsets import read_beir_visdoc, read_mmeb, split_legacy_text
 from tests.fixtures_data import png_bytes, write_beir, write_parquet
 
@@ -62,15 +63,39 @@ def test_read_mmeb_v1_splits_fused_instructions(tmp_path):
     })
     with pytest.raises(ValueError, match="version='v1'"):
         read_mmeb(path, tmp_path)
-    subset = read_mmeb(path, tmp_path, version="v1")
+    subset = read_mmeb(path, tmp_path, version="v1", instructions="file")
     q = subset.queries[0]
     assert q.instruction == "Given an image, find a similar everyday image with the described changes"
     assert q.text == "make it red"
     assert [(c.instruction, c.text, os.path.basename(c.image)) for c in subset.candidates] == [
         ("Represent the given image.", None, "c1.png"), ("Represent the given image.", None, "c2.png")]
+    paper = read_mmeb(path, tmp_path, version="v1")  # default: the paper's Tables 11-12, as in training
+    assert (paper.queries[0].instruction, paper.queries[0].text) == (instructions_for("CIRR")[0], "make it red")
+    assert {c.instruction for c in paper.candidates} == {instructions_for("CIRR")[1]}
     assert split_legacy_text("tench") == (None, "tench")
     assert split_legacy_text("<|image_1|>\nRepresent the given image for classification\n") == (
         "Represent the given image for classification", None)
+
+
+def test_mmeb_eval_instructions_default_to_the_paper_tables(tmp_path):
+    _images(tmp_path, "q.png")
+    path = write_parquet(tmp_path / "ImageNet-1K.parquet", {  # v1 bare-label candidates: no instruction in the file
+        "qry_text": ["<|image_1|>\nRepresent the given image for classification\n"], "qry_img_path": ["q.png"],
+        "tgt_text": [["tench", "goldfish"]], "tgt_img_path": [["", ""]],
+    })
+    q_inst, t_inst = instructions_for("ImageNet-1K")
+    paper = read_mmeb(path, tmp_path, version="v1")
+    assert [(c.instruction, c.text) for c in paper.candidates] == [(t_inst, "tench"), (t_inst, "goldfish")]
+    assert paper.queries[0].instruction == q_inst and paper.queries[0].text is None
+    own = read_mmeb(path, tmp_path, version="v1", instructions="file")
+    assert [c.instruction for c in own.candidates] == [None, None]
+    assert own.queries[0].instruction == "Represent the given image for classification"
+    synth = read_mmeb(write_parquet(tmp_path / "synth_x.parquet", {  # not in the tables: the file's are kept
+        "qry_inst": ["Find it."], "qry_text": ["x"], "qry_img_path": [""], "tgt_inst": ["Represent it."],
+        "tgt_text": [["a", "b"]], "tgt_img_path": [["", ""]]}), tmp_path)
+    assert synth.queries[0].instruction == "Find it." and synth.candidates[0].instruction == "Represent it."
+    with pytest.raises(ValueError, match="'paper'"):
+        read_mmeb(path, tmp_path, version="v1", instructions="table")
 
 
 def test_read_mmeb_errors_name_the_fix(tmp_path):

@@ -1,15 +1,24 @@
-"""The VTC InternVL3 backbone: presets, loading, compression, tiling, templates, pooling, fine-tuning modes."""
+"""The VTC InternVL3 backbone: presets, loading, compression, tiling, templates, pooling, fine-tuning modes.
 
-from mmembed.backbone.finetune import FinetuneConfig, apply_finetuning
-from mmembed.backbone.inputs import InputBuilder, TilePolicy, load_image
-from mmembed.backbone.model import VTCBackbone, build_backbone, build_input_builder, load_processor
-from mmembed.backbone.pooling import last_token_pool
-from mmembed.backbone.presets import PRESETS
-from mmembed.backbone.templates import instructions_for
-from mmembed.backbone.vtc import apply_vtc, bilinear_downsample, tokens_per_tile
+Names are resolved lazily (PEP 562), so light modules such as ``mmembed.backbone.templates`` (the one home of the
+prompt templates and instruction tables, imported by data-only code) do not pull in transformers.
+"""
 
-__all__ = [
-    "PRESETS", "FinetuneConfig", "InputBuilder", "TilePolicy", "VTCBackbone", "apply_finetuning", "apply_vtc",
-    "bilinear_downsample", "build_backbone", "build_input_builder", "instructions_for", "last_token_pool",
-    "load_image", "load_processor", "tokens_per_tile",
-]
+from __future__ import annotations
+
+import importlib
+
+_HOMES = {
+    "FinetuneConfig": "finetune", "apply_finetuning": "finetune",
+    "InputBuilder": "inputs", "TilePolicy": "inputs", "load_image": "inputs",
+    "VTCBackbone": "model", "build_backbone": "model", "build_input_builder": "model", "load_processor": "model",
+    "last_token_pool": "pooling", "PRESETS": "presets", "instructions_for": "templates",
+    "apply_vtc": "vtc", "bilinear_downsample": "vtc", "tokens_per_tile": "vtc",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)

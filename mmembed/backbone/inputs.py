@@ -9,7 +9,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from transformers import BatchFeature
 
-from mmembed.backbone.templates import format_item_text
+from mmembed.backbone.templates import format_item_text, template_parts
 from mmembed.types import Item, Role
 
 
@@ -75,9 +75,17 @@ def image_size(image: Image.Image | str | Path, what: str = "image") -> tuple[in
 class InputBuilder:
     """Builds padded model inputs for a list of items, using the stock InternVL processor.
 
-    Each item is formatted with the paper's query/candidate template, wrapped in the tokenizer's chat template,
-    and processed with its own tile cap (natural vs document), then all items are right-padded together. Right
-    padding keeps every real token at the same position as when the item is encoded alone.
+    Each item is formatted with the paper's query/candidate template as one user turn of the tokenizer's chat
+    template (the released InternVL3-*-hf one: the image part renders as the image placeholder on its own line),
+    followed by the generation prompt and the pooled token, and processed with its own tile cap (natural vs
+    document); then all items are right-padded together. Right padding keeps every real token at the same position
+    as when the item is encoded alone.
+
+    The pooled token (paper eq. 1: the hidden state of the input's last token, "a single [EOS] token"): with
+    ``pooled_token="eos"`` (default) the tokenizer's EOS token (``<|im_end|>`` for InternVL3) is appended after
+    ``<|im_start|>assistant\\n``, so the embedding is read at an EOS token, as the paper describes. ``"prompt_end"``
+    appends nothing: the embedding is read at the generation prompt's final newline (this kit's behaviour before
+    the setting existed).
 
     Args:
         processor: an ``InternVLProcessor`` (``ImageOnlyInternVLProcessor``) whose ``image_seq_length`` matches the
@@ -85,15 +93,24 @@ class InputBuilder:
         tile_policy: tile caps per item kind.
         use_chat_template: wrap the templated text in the tokenizer's chat template (as InternVL3 is prompted).
         max_text_tokens: the item's free text is cut to this many tokens (image tokens are never cut).
+        pooled_token: ``"eos"`` or ``"prompt_end"``, see above.
     """
 
+    POOLED_TOKENS = ("eos", "prompt_end")
+
     def __init__(self, processor, tile_policy: TilePolicy | None = None, use_chat_template: bool = True,
-                 max_text_tokens: int = 256) -> None:
+                 max_text_tokens: int = 256, pooled_token: str = "eos") -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.tile_policy = tile_policy or TilePolicy()
         self.use_chat_template = use_chat_template and self.tokenizer.chat_template is not None
         self.max_text_tokens = max_text_tokens
+        if pooled_token not in self.POOLED_TOKENS:
+            raise ValueError(f"pooled_token must be one of {self.POOLED_TOKENS}, got {pooled_token!r}")
+        if pooled_token == "eos" and self.tokenizer.eos_token is None:
+            raise ValueError("pooled_token='eos' but the tokenizer has no eos_token; set one (InternVL3: <|im_end|>) "
+                             "or use pooled_token='prompt_end'")
+        self.pooled_token = pooled_token
 
     @property
     def image_token(self) -> str:
@@ -108,12 +125,20 @@ class InputBuilder:
         return text if len(ids) <= self.max_text_tokens else self.tokenizer.decode(ids[: self.max_text_tokens])
 
     def prompt(self, item: Item, role: Role) -> str:
-        """The full prompt string for an item (image placeholder not yet expanded)."""
-        body = format_item_text(self._cut(item.text), item.instruction, item.image is not None, role, self.image_token)
-        if not self.use_chat_template:
-            return body
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False,
-                                                  add_generation_prompt=True)
+        """The full prompt string for an item (image placeholder not yet expanded), ending in the pooled token."""
+        text, has_image = self._cut(item.text), item.image is not None
+        if self.use_chat_template:
+            content = template_parts(text, item.instruction, has_image, role)
+            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                        add_generation_prompt=True)
+        else:
+            prompt = format_item_text(text, item.instruction, has_image, role, self.image_token)
+        return prompt + (self.tokenizer.eos_token if self.pooled_token == "eos" else "")
+
+    @property
+    def pooled_token_id(self) -> int | None:
+        """Id of the token every prompt ends with (read by last-token pooling); ``None`` for ``"prompt_end"``."""
+        return self.tokenizer.eos_token_id if self.pooled_token == "eos" else None
 
     def _image_kwargs(self, kind: str) -> dict:
         return self.tile_policy.processor_kwargs(kind)

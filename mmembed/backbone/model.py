@@ -63,7 +63,7 @@ def load_config(name_or_path: str | Path) -> InternVLConfig:
         return InternVLConfig.from_pretrained(path)
     if str(name_or_path) not in PRESETS:
         raise ValueError(f"unknown preset {name_or_path!r}; choose one of {sorted(PRESETS)} or a local folder")
-    tokenizer = _preset_tokenizer(PRESETS[str(name_or_path)].tokenizer_vocab)
+    tokenizer = _preset_tokenizer(str(name_or_path))
     return preset_config(str(name_or_path), len(tokenizer), tokenizer.context_image_token_id)
 
 
@@ -81,7 +81,7 @@ def load_processor(name_or_path: str | Path, vtc_factor: int | None = None, imag
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         image_processor = GotOcr2ImageProcessorPil.from_pretrained(name_or_path)
     else:
-        tokenizer = _preset_tokenizer(PRESETS[str(name_or_path)].tokenizer_vocab)
+        tokenizer = _preset_tokenizer(str(name_or_path))
         size = config.vision_config.image_size
         image_processor = build_image_processor(size[0] if isinstance(size, list | tuple) else size)
     n = tokens_per_tile(config, factor)
@@ -94,14 +94,15 @@ def load_processor(name_or_path: str | Path, vtc_factor: int | None = None, imag
     return processor, config
 
 
-_TOKENIZERS: dict[int, object] = {}
+_TOKENIZERS: dict[tuple[int, int | None], object] = {}
 
 
-def _preset_tokenizer(vocab: int):
-    # Training the BPE takes a few seconds; every preset of one vocab size shares the (deterministic) result.
-    if vocab not in _TOKENIZERS:
-        _TOKENIZERS[vocab] = build_tokenizer(vocab)
-    return _TOKENIZERS[vocab]
+def _preset_tokenizer(preset: str):
+    # Building the BPE takes up to a few seconds; presets with the same vocabulary share the (deterministic) result.
+    key = (PRESETS[preset].tokenizer_vocab, PRESETS[preset].special_ids_from)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = build_tokenizer(*key)
+    return _TOKENIZERS[key]
 
 
 def _load_model(name_or_path, config: InternVLConfig, quantize_4bit: bool, dtype: torch.dtype | None, seed: int):
@@ -223,6 +224,7 @@ def build_backbone(
     tile_policy: TilePolicy | dict | None = None,
     use_chat_template: bool | None = None,
     max_text_tokens: int | None = None,
+    pooled_token: str | None = None,
 ) -> VTCBackbone:
     """Build the shared backbone — model and its ``InputBuilder`` — from a preset (random init, seeded) or a folder.
 
@@ -241,6 +243,8 @@ def build_backbone(
         tile_policy: tile caps per item kind (default natural 1 / document 4, paper §5.2).
         use_chat_template: wrap prompts in the tokenizer's chat template (default True).
         max_text_tokens: cap on an item's free text (default 256).
+        pooled_token: ``"eos"`` (default: ``<|im_end|>`` appended and pooled, the paper's single [EOS] token) or
+            ``"prompt_end"`` (the last prompt token; folders saved before the setting existed used it).
     """
     saved = saved_settings(name_or_path)
     factor, placement = resolve_vtc(name_or_path, vtc_factor, vtc_placement, saved)
@@ -254,6 +258,7 @@ def build_backbone(
         tile_policy if tile_policy is not None else saved.get("tile_policy"),
         use_chat_template if use_chat_template is not None else saved.get("use_chat_template", True),
         max_text_tokens if max_text_tokens is not None else saved.get("max_text_tokens", 256),
+        pooled_token if pooled_token is not None else saved.get("pooled_token", "prompt_end" if saved else "eos"),
     )
     model = _load_model(name_or_path, config, ft.mode == "qlora", dtype, seed)
     # peft draws LoRA-A from the global RNG: seed it too, so the same seed gives the same trainable model.
@@ -265,7 +270,7 @@ def build_backbone(
 
 def build_input_builder(name_or_path: str | Path = "tiny", vtc_factor: int | None = None,
                         tile_policy: TilePolicy | dict | None = None, use_chat_template: bool = True,
-                        max_text_tokens: int = 256) -> InputBuilder:
+                        max_text_tokens: int = 256, pooled_token: str = "eos") -> InputBuilder:
     """The input builder (templates + processor + tiling) for ``name_or_path`` at ``vtc_factor``, without a model.
 
     ``build_backbone`` calls this for the builder it attaches to the backbone; call it directly only where no
@@ -273,4 +278,5 @@ def build_input_builder(name_or_path: str | Path = "tiny", vtc_factor: int | Non
     """
     processor, _ = load_processor(name_or_path, vtc_factor)
     policy = tile_policy if isinstance(tile_policy, TilePolicy) or tile_policy is None else TilePolicy(**tile_policy)
-    return InputBuilder(processor, policy, use_chat_template=use_chat_template, max_text_tokens=max_text_tokens)
+    return InputBuilder(processor, policy, use_chat_template=use_chat_template, max_text_tokens=max_text_tokens,
+                        pooled_token=pooled_token)

@@ -1,4 +1,10 @@
-"""Prompt templates (paper §3.1) and the per-dataset task instructions (paper Tables 11-12).
+"""Prompt templates (paper §3.1) and the per-dataset task instructions (paper Tables 11-12): their one home.
+
+Templates: ``Instruct: {query instruction} <image> Query: {query text}`` for queries and
+``Instruct: {target instruction} <image> Text: {target text}`` for candidates. ``template_parts`` turns an item
+into chat-message content parts (text / image / text) so the released InternVL3-*-hf chat template renders the
+image part itself (as the image placeholder on its own line); ``format_item_text`` renders the same parts without a
+chat template.
 
 The tables are data: ``instructions_for(name)`` looks a dataset up by name (case- and punctuation-insensitive,
 so ``ImageNet_1K``, ``ImageNet-1K`` and ``imagenet1k`` are the same entry). Direction-dependent datasets
@@ -10,8 +16,8 @@ from __future__ import annotations
 
 import re
 
-QUERY_TEMPLATE = "Instruct: {instruction} {image}Query: {text}"
-CANDIDATE_TEMPLATE = "Instruct: {instruction} {image}Text: {text}"
+#: The label before the item's text, per role (paper §3.1 templates).
+TEXT_LABELS = {"query": "Query: ", "candidate": "Text: "}
 
 _IMG = "Represent the given image."
 _TXT = "Represent the given text."
@@ -134,18 +140,43 @@ def instructions_for(dataset: str, task: str | None = None) -> tuple[str, str]:
     return INSTRUCTIONS[key][1], INSTRUCTIONS[key][2]
 
 
-def format_item_text(text: str | None, instruction: str | None, has_image: bool, role: str, image_token: str) -> str:
-    """Fill the paper's query/candidate template (§3.1).
+def template_parts(text: str | None, instruction: str | None, has_image: bool, role: str) -> list[dict]:
+    """The paper's query/candidate template (§3.1) as chat content parts, in order instruction, image, text.
 
-    ``Instruct: {instruction} <image> Query: {text}`` for queries and ``... Text: {text}`` for candidates. Parts
-    that are absent are dropped (no instruction line without an instruction, no ``Query:`` without text), so a
-    text-only item never contains an image placeholder.
+    Parts that are absent are dropped (no ``Instruct:`` without an instruction, no ``Query:`` without text), so a
+    text-only item has no image part. Adjacent text pieces are merged into one part.
+
+    Returns:
+        ``[{"type": "text", "text": ...} | {"type": "image"}, ...]``, the content of one user message.
     """
-    parts = []
+    if role not in TEXT_LABELS:
+        raise ValueError(f"role must be one of {sorted(TEXT_LABELS)}, got {role!r}")
+    pieces: list[dict] = []
+
+    def add_text(s: str) -> None:
+        if pieces and pieces[-1]["type"] == "text":
+            pieces[-1]["text"] += " " + s
+        else:
+            pieces.append({"type": "text", "text": s})
+
     if instruction:
-        parts.append(f"Instruct: {instruction}")
+        add_text(f"Instruct: {instruction}")
     if has_image:
-        parts.append(image_token)
+        if pieces:
+            pieces[-1]["text"] += " "  # "Instruct: ... <image>": the placeholder follows the instruction's space
+        pieces.append({"type": "image"})
     if text:
-        parts.append(("Query: " if role == "query" else "Text: ") + text)
-    return " ".join(parts)
+        if pieces and pieces[-1]["type"] == "image":
+            pieces.append({"type": "text", "text": TEXT_LABELS[role] + text})
+        else:
+            add_text(TEXT_LABELS[role] + text)
+    return pieces
+
+
+def format_item_text(text: str | None, instruction: str | None, has_image: bool, role: str, image_token: str) -> str:
+    """``template_parts`` as one string, the image part rendered as the chat template does: ``image_token + "\\n"``.
+
+    E.g. ``Instruct: Find it. <IMG_CONTEXT>\\nQuery: a cat``; used when no chat template wraps the prompt.
+    """
+    parts = template_parts(text, instruction, has_image, role)
+    return "".join(p["text"] if p["type"] == "text" else image_token + "\n" for p in parts)

@@ -20,7 +20,16 @@ QWEN2_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# InternVL3's special tokens, in the order the released tokenizer adds them after Qwen's own.
+# InternVL3-*-hf special tokens with their released ids: Qwen2.5's own (151643-151664), then InternVL's (151665-151673)
+# (STACK.md, from transformers' InternVL conversion script). `<video>` comes last (the stock processor requires it).
+QWEN_SPECIALS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+]
+INTERNVL_SPECIALS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
+QWEN_FIRST_SPECIAL_ID = 151643  # `<|endoftext|>` in every Qwen2/Qwen2.5 vocabulary
 SPECIAL_TOKENS = {
     "eos_token": "<|im_end|>",
     "pad_token": "<|endoftext|>",
@@ -31,17 +40,33 @@ NAMED_EXTRA_TOKENS = {
     "context_image_token": "<IMG_CONTEXT>",
     "video_token": "<video>",
 }
-OTHER_SPECIALS = ["<|im_start|>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
+MODEL_MAX_LENGTH = 8192  # the released tokenizers' model_max_length (CONTEXT_LENGTH in the conversion script)
 
-CHATML_TEMPLATE = (
+# The chat template of the released InternVL3-*-hf checkpoints (transformers' InternVL conversion script; the same
+# text ships in their tokenizer/processor): no system message; ChatML turns; an image part renders as the image
+# placeholder on its own line. Presets carry it verbatim so a preset and a real folder give the same prompt.
+HF_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\n' + default_system + '<|im_end|>\\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{{'<|im_start|>' + message['role'] + '\\n'}}"
+    "{% if message['content'] is string %}"
+    "{{ message['content'] }}"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}"
+    "{{ '<IMG_CONTEXT>\\n' }}"
+    "{% elif content['type'] == 'video' %}"
+    "{{ '<video>\\n' }}"
+    "{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}"
+    "{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{% endif %}"
+    "{{'<|im_end|>\\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "{{'<|im_start|>assistant\\n' }}"
+    "{% endif %}"
 )
-DEFAULT_SYSTEM = "You are a helpful multimodal assistant."
 
 _COLOURS = "red green blue yellow purple orange black white gray grey pink brown cyan magenta".split()
 _SHAPES = "circle circles square squares triangle triangles star stars hexagon diamond ellipse rectangle".split()
@@ -70,16 +95,19 @@ def _corpus() -> list[str]:
     return lines * 4
 
 
-def build_tokenizer(vocab_size: int = 2048) -> Qwen2Tokenizer:
+def build_tokenizer(vocab_size: int = 2048, special_ids_from: int | None = None) -> Qwen2Tokenizer:
     """Train a deterministic byte-level BPE and wrap it as a stock ``Qwen2Tokenizer`` with InternVL's tokens.
 
     Args:
         vocab_size: Size of the learned vocabulary (special tokens come on top).
+        special_ids_from: Id of the first special token. ``None``: right after the learned vocabulary (small
+            presets). ``QWEN_FIRST_SPECIAL_ID`` (151643): the gap is filled with unreachable placeholder entries so
+            every special token gets its released id (``<|im_end|>`` 151645, ``<IMG_CONTEXT>`` 151667, ...).
 
     Returns:
-        A tokenizer that saves/reloads with ``AutoTokenizer`` and exposes ``start_image_token``,
-        ``end_image_token``, ``context_image_token`` and ``video_token`` (and their ``*_id``), as
-        ``InternVLProcessor`` expects.
+        A tokenizer that saves/reloads with ``AutoTokenizer``, carries the released InternVL3-*-hf chat template and
+        ``model_max_length``, and exposes ``start_image_token``, ``end_image_token``, ``context_image_token`` and
+        ``video_token`` (and their ``*_id``), as ``InternVLProcessor`` expects.
     """
     bpe = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
@@ -98,8 +126,16 @@ def build_tokenizer(vocab_size: int = 2048) -> Qwen2Tokenizer:
     )
     bpe.train_from_iterator(_corpus(), trainer=trainer)
     state = json.loads(bpe.to_str())["model"]
-    vocab = state["vocab"]
+    vocab = dict(state["vocab"])
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    first = len(vocab) if special_ids_from is None else special_ids_from
+    if first < len(vocab):
+        raise ValueError(f"special_ids_from={first} is inside the learned vocabulary of {len(vocab)} entries")
+    # Placeholder entries that no merge produces, so the special tokens land at their released ids without changing
+    # how any text tokenizes.
+    vocab.update({f"<|reserved_{i}|>": i for i in range(len(vocab), first)})
+    specials = QWEN_SPECIALS + INTERNVL_SPECIALS + [NAMED_EXTRA_TOKENS["video_token"]]
+    vocab.update({t: first + k for k, t in enumerate(specials)})
     tok = Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,
@@ -109,9 +145,14 @@ def build_tokenizer(vocab_size: int = 2048) -> Qwen2Tokenizer:
         **SPECIAL_TOKENS,
         extra_special_tokens=dict(NAMED_EXTRA_TOKENS),
         clean_up_tokenization_spaces=False,
+        model_max_length=MODEL_MAX_LENGTH,
     )
-    tok.add_special_tokens({"additional_special_tokens": OTHER_SPECIALS}, replace_extra_special_tokens=False)
-    tok.chat_template = CHATML_TEMPLATE.replace("default_system", repr(DEFAULT_SYSTEM))
+    others = [t for t in specials if t not in SPECIAL_TOKENS.values() and t not in NAMED_EXTRA_TOKENS.values()]
+    tok.add_special_tokens({"additional_special_tokens": others}, replace_extra_special_tokens=False)
+    got = tok.convert_tokens_to_ids(specials)
+    if got != list(range(first, first + len(specials))):  # the tokenizers library re-numbered something
+        raise RuntimeError(f"offline tokenizer: special tokens got ids {got}, expected {first}..")
+    tok.chat_template = HF_CHAT_TEMPLATE
     return tok
 
 
@@ -129,8 +170,11 @@ class ImageOnlyInternVLProcessor(InternVLProcessor):
                          chat_template=chat_template, **kw)
 
 
-def build_image_processor(image_size: int, max_patches: int = 4) -> GotOcr2ImageProcessorPil:
-    """InternVL's image processor (ImageNet mean/std, bicubic, dynamic tiling) at a given tile size."""
+def build_image_processor(image_size: int, max_patches: int = 12) -> GotOcr2ImageProcessorPil:
+    """InternVL's image processor (ImageNet mean/std, bicubic, dynamic tiling) at a given tile size.
+
+    ``max_patches`` defaults to the released processors' 12; ``InputBuilder`` passes its ``TilePolicy`` caps per call.
+    """
     return GotOcr2ImageProcessorPil(
         size={"height": image_size, "width": image_size},
         crop_to_patches=False,

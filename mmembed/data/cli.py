@@ -48,6 +48,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="override the task (t2i, i2t, it2t, ...)")
     p.add_argument("--meta-task", help="override the meta-task (classification, vqa, retrieval, grounding, visdoc)")
     p.add_argument("--limit", type=int, help="convert only the first N rows")
+    p.add_argument("--split", default="original",
+                   help="hub-layout folder: which split's shards to read (original | diverse_instruction)")
     _instruction_args(p)
 
     p = conv.add_parser("visdoc-beir", help="BEIR-layout visual-document set (queries/corpus/qrels)")
@@ -63,6 +65,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-column", default="image")
     p.add_argument("--image-root", help="base folder for image paths stored as strings")
     p.add_argument("--limit", type=int)
+    p.add_argument("--split", default=None, help="hub-layout folder with several splits: which one (e.g. train)")
     _instruction_args(p)
 
     p = conv.add_parser("jsonl", help="generic JSON lines {query, positive, negatives, dataset}")
@@ -101,14 +104,15 @@ def _convert(args: argparse.Namespace) -> list:
              "target_instruction": getattr(args, "target_instruction", None)}
     if args.format == "mmeb":
         return [cv.mmeb_train_to_shards(args.parquet, args.image_root, args.out, args.dataset, task=args.task,
-                                        meta_task=args.meta_task, limit=args.limit, **instr, **common)]
+                                        meta_task=args.meta_task, limit=args.limit, split=args.split, **instr,
+                                        **common)]
     if args.format == "visdoc-beir":
         return [cv.visdoc_beir_to_shards(args.folder, args.out, args.dataset, min_score=args.min_score, **instr,
                                          **common)]
     if args.format == "visdoc-pairs":
         return [cv.visdoc_pairs_to_shards(args.parquet, args.out, args.dataset, query_column=args.query_column,
                                           image_column=args.image_column, image_root=args.image_root,
-                                          limit=args.limit, **instr, **common)]
+                                          limit=args.limit, split=args.split, **instr, **common)]
     if args.format == "jsonl":
         return cv.jsonl_to_shards(args.jsonl, args.image_root, args.out, dataset=args.dataset, task=args.task,
                                   meta_task=args.meta_task, **instr, **common)

@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from PIL import Image
 
-from mmembed.data.evalsets import find_beir_part, image_cell, read_parquet, split_legacy_text
+from mmembed.data.evalsets import find_beir_part, hub_splits, image_cell, read_parquet, split_legacy_text
 from mmembed.data.schema import META_TASKS, TASKS, Sample, Side
 from mmembed.data.shards import SkipCounter, SkipSample, write_shards
 
@@ -222,6 +222,7 @@ def mmeb_train_to_shards(
     maxcount: int = 1000,
     limit: int | None = None,
     progress: bool = False,
+    split: str | None = "original",
 ) -> ConvertReport:
     """Convert one MMEB-train subset to shards.
 
@@ -236,6 +237,9 @@ def mmeb_train_to_shards(
         task / meta_task: Override (required for subsets not in :data:`MMEB_TRAIN_SUBSETS`).
         query_kind: ``natural``/``document`` (default: document for DocVQA, InfographicsVQA, ChartQA).
         limit: Convert only the first ``limit`` rows.
+        split: For a hub-layout folder (``{subset}/original-*.parquet`` next to ``diverse_instruction-*.parquet``),
+            which split to read; both hold the same pairs with other source instructions, which are replaced by
+            the paper's anyway. Ignored for a single file or a folder without hub shard names.
     """
     path = Path(parquet)
     dataset = dataset or (path.name if path.is_dir() else path.stem)
@@ -246,7 +250,8 @@ def mmeb_train_to_shards(
     )
     q_inst, t_inst = resolve_instructions(dataset, task, query_instruction, target_instruction)
     q_kind = query_kind or ("document" if dataset in DOCUMENT_QUERY_SUBSETS else "natural")
-    table = read_parquet(path, "MMEB-train")
+    shards = hub_splits(sorted(path.rglob("*.parquet"))) if path.is_dir() else {}
+    table = read_parquet(path, "MMEB-train", split=split if shards else None)
     needed = ["qry", "qry_image_path", "pos_text", "pos_image_path"]
     missing = [c for c in needed if c not in table.column_names]
     if missing:
@@ -364,18 +369,29 @@ def visdoc_pairs_to_shards(
     maxcount: int = 1000,
     limit: int | None = None,
     progress: bool = False,
+    split: str | None = None,
 ) -> ConvertReport:
     """Convert ColPali/VisRAG-style (query, page image) pairs to t2vd shards.
 
     Args:
-        parquet: A parquet file or a folder of them (e.g. the ColPali train set's ``data/``).
+        parquet: A parquet file or a folder of them (the hub layout: ``data/train-00000-of-000NN.parquet``, as the
+            ColPali and VisRAG training sets ship).
         image_column: HF Image struct, raw bytes, or a path (relative to ``image_root``).
+        split: In a folder holding shards of several splits (``train-*`` and ``test-*``), read this one; a folder
+            with several splits and no choice is an error rather than a silent mix.
     """
     path = Path(parquet)
     q_inst, t_inst = resolve_instructions(dataset, "t2vd", query_instruction, target_instruction)
     files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
     if not files or not files[0].exists():
         raise FileNotFoundError(f"{path}: no parquet files; point to the pairs parquet file or its folder")
+    splits = hub_splits(files) if path.is_dir() else {}
+    if split is not None and splits:
+        if split not in splits:
+            raise FileNotFoundError(f"{path} has no '{split}-*.parquet' shards (splits there: {sorted(splits)})")
+        files = splits[split]
+    elif len(splits) > 1:
+        raise ValueError(f"{path} holds shards of several splits {sorted(splits)}; choose one with --split")
     names = pq.ParquetFile(files[0]).schema_arrow.names
     missing = [c for c in (query_column, image_column) if c not in names]
     if missing:

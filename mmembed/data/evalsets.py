@@ -23,6 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmembed.backbone.templates import instructions_for
 from mmembed.types import Item
 
 IMAGE_PLACEHOLDER = "<|image_1|>"
@@ -34,8 +35,7 @@ DOCUMENT_QUERY_SUBSETS = frozenset({"DocVQA", "InfographicsVQA", "ChartQA", "syn
 DOCUMENT_CANDIDATE_SUBSETS = frozenset({"Wiki-SS-NQ"})
 
 #: The paper's T->VD instructions (Table 11: identical for ColPali, VisRAG, ViDoSeek and MMLongBench).
-VISDOC_QUERY_INSTRUCTION = "Retrieve relevant visual documents based on a given query."
-VISDOC_TARGET_INSTRUCTION = "Represent the given visual documents."
+VISDOC_QUERY_INSTRUCTION, VISDOC_TARGET_INSTRUCTION = instructions_for("ColPali")
 
 # Legacy (MMEB v1 / MMEB-train) strings fuse "instruction: content". These verbs open every VLM2Vec instruction.
 _INSTRUCTION_START = re.compile(r"^(Represent|Find|Retrieve|Select|Identify|Given|Match|Determine|Classify)\b")
@@ -70,12 +70,41 @@ def _none_if_empty(value: Any) -> str | None:
     return value or None
 
 
-def read_parquet(path: Path, what: str) -> pa.Table:
-    """Read one parquet file, or every ``*.parquet`` under a folder (the Hugging Face layout), as one table."""
+_HUB_SHARD = re.compile(r"^(?P<split>[\w.]+)-\d{5}-of-\d{5}$")
+
+
+def hub_splits(files: Sequence[Path]) -> dict[str, list[Path]]:
+    """Group hub shard files (``{split}-00000-of-0000N.parquet``) by split; other file names are left out."""
+    out: dict[str, list[Path]] = {}
+    for f in files:
+        m = _HUB_SHARD.match(f.stem)
+        if m:
+            out.setdefault(m["split"], []).append(f)
+    return out
+
+
+def read_parquet(path: Path, what: str, split: str | None = None) -> pa.Table:
+    """Read one parquet file, or every ``*.parquet`` under a folder (the Hugging Face layout), as one table.
+
+    Args:
+        path: A parquet file or a folder of them.
+        what: What is read, for error messages.
+        split: In a folder of hub shards (``{split}-00000-of-0000N.parquet``), read only this split's shards
+            (MMEB-train ships ``original`` and ``diverse_instruction`` side by side). Without it, a folder holding
+            shards of several splits is an error rather than a silent concatenation.
+    """
     if path.is_dir():
         files = sorted(path.rglob("*.parquet"))
         if not files:
             raise FileNotFoundError(f"{path} holds no .parquet files; point to the {what} parquet file or its folder")
+        splits = hub_splits(files)
+        if split is not None:
+            if split not in splits:
+                raise FileNotFoundError(f"{path} has no '{split}-*.parquet' shards (splits there: {sorted(splits)}); "
+                                        "choose one of those")
+            files = splits[split]
+        elif len(splits) > 1:
+            raise ValueError(f"{path} holds shards of several splits {sorted(splits)}; choose one (split=...)")
         return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; point to the {what} parquet file or its folder")
@@ -153,6 +182,7 @@ def read_mmeb(
     meta_task: str | None = None,
     split: str | None = None,
     check_images: bool = True,
+    instructions: str = "paper",
 ) -> MMEBSubset:
     """Read one MMEB image-eval subset.
 
@@ -166,15 +196,27 @@ def read_mmeb(
             in :data:`DOCUMENT_QUERY_SUBSETS` / :data:`DOCUMENT_CANDIDATE_SUBSETS`.
         meta_task / split: Labels carried into the result for reporting.
         check_images: Fail early, naming the first missing file, if any referenced image is absent.
+        instructions: ``"paper"`` (default): the query/target instructions of the paper's Tables 11-12 for this
+            subset name -- the ones training uses -- replacing the file's (every v1 bare-label candidate gets the
+            target instruction too); names not in the tables keep the file's. ``"file"``: the file's own.
 
     Raises:
-        ValueError: Unknown version, missing columns, or a row whose text and image lists differ in length.
+        ValueError: Unknown version or instructions mode, missing columns, or a row whose text and image lists
+            differ in length.
         FileNotFoundError: Missing parquet or images.
     """
     if version not in ("v1", "v2"):
         raise ValueError(f"unknown MMEB version {version!r}; use 'v2' (qry_inst/tgt_inst columns) or 'v1'")
+    if instructions not in ("paper", "file"):
+        raise ValueError(f"instructions must be 'paper' (Tables 11-12) or 'file', got {instructions!r}")
     path, root = Path(parquet_path), Path(image_root)
     name = name or path.stem
+    paper: tuple[str, str] | None = None
+    if instructions == "paper":
+        try:
+            paper = instructions_for(name)
+        except KeyError:
+            paper = None  # not a public subset (e.g. synthetic): the file's instructions are the only ones
     table = read_parquet(path, f"MMEB {version} subset")
     columns = V2_COLUMNS if version == "v2" else V1_COLUMNS
     other = "v1" if version == "v2" else "v2"
@@ -202,6 +244,8 @@ def read_mmeb(
         if len(texts) != len(paths) or not texts:
             raise ValueError(f"{path} row {i}: tgt_text has {len(texts)} entries and tgt_img_path {len(paths)}; "
                              "each candidate needs one of each (use '' for an absent text or image)")
+        if paper is not None:
+            q_inst = paper[0]
         q = queries.add(q_inst, q_text, image(rec["qry_img_path"]), qkind)
         t_inst = _none_if_empty(strip_placeholder(rec["tgt_inst"])) if version == "v2" else None
         cands = []
@@ -210,6 +254,8 @@ def read_mmeb(
                 c_inst, c_text = t_inst, _none_if_empty(strip_placeholder(text))
             else:
                 c_inst, c_text = split_legacy_text(text)
+            if paper is not None:
+                c_inst = paper[1]
             cands.append(candidates.add(c_inst, c_text, image(img), ckind))
         rows.append(MMEBRow(q, cands))
     subset = MMEBSubset(name, queries.items, candidates.items, rows, meta_task=meta_task, split=split)

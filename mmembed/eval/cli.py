@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     mmeb.add_argument("--image-root", type=Path, default=None, help="folder the parquet image paths are relative to")
     mmeb.add_argument("--version", choices=("v2", "v1"), default="v2", help="MMEB parquet columns")
     mmeb.add_argument("--subsets", default=None, help="comma-separated subset names (default: all)")
+    mmeb.add_argument("--instructions", choices=("paper", "file"), default="paper",
+                      help="paper: Tables 11-12 instructions as in training (default); file: the parquet's own")
+    xmodal = sub.add_parser("xmodal", parents=[common],
+                            help="Table 5: text-image retrieval (Hit@1 both ways) and SugarCrepe (accuracy)")
+    xmodal.add_argument("--sets", default=None, help="comma-separated set names from sets.json (default: all)")
     visdoc = sub.add_parser("visdoc", parents=[common], help="VisDoc: NDCG@k over the whole corpus")
     visdoc.add_argument("--k", type=int, default=5, help="NDCG / recall cut-off")
     visdoc.add_argument("--sets", default=None, help="comma-separated set names (default: all)")
@@ -80,7 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         result = evaluate_mmeb(embedder, args.data, args.image_root, args.out, version=args.version,
                                batch_size=args.batch_size, names=_names(args.subsets), run_depth=args.run_depth,
-                               max_queries=args.max_queries, extra=extra)
+                               max_queries=args.max_queries, extra=extra, instructions=args.instructions)
+    elif args.benchmark == "xmodal":
+        from mmembed.eval.xmodal import evaluate_xmodal
+
+        result = evaluate_xmodal(embedder, args.data, args.out, batch_size=args.batch_size, names=_names(args.sets),
+                                 max_queries=args.max_queries, extra=extra)
     else:
         from mmembed.eval.visdoc import evaluate_visdoc
 

@@ -196,3 +196,35 @@ def ndcg_from_ranking(ranked_rels: Sequence[float], judged_rels: Sequence[float]
     if ideal <= 0:
         return float("nan")
     return float((gains * dcg_discount(len(gains), k)).sum()) / ideal
+
+
+def hit_at_k(scores: Tensor, qrels: Tensor, k: int = 1, *, reduction: Reduction = "mean") -> Tensor:
+    """Hit@k (the "Recall@k" of image-text retrieval, Table 5's R@1): is *any* relevant item in the top k?
+
+    Differs from :func:`recall_at_k` when a query has several relevant items (image -> its 5 captions). Ties are
+    counted in expectation over a random order of the tied items: with ``a`` non-relevant items strictly above the
+    best relevant one and ``g`` non-relevant / ``r`` relevant items tied with it, the first relevant lands in the top
+    k with probability ``1 - prod_{i<k-a} (g - i) / (g + r - i)``.
+
+    Args:
+        scores: (Nq, Nc) query-candidate scores.
+        qrels: (Nq, Nc) relevance; > 0 is relevant.
+        k: Cut-off.
+        reduction: ``"mean"`` over queries with a relevant item, or ``"none"`` (NaN for the others).
+    """
+    scores, rel = _check_pair(scores, qrels, k)
+    relevant = rel > 0
+    best = scores.masked_fill(~relevant, float("-inf")).max(dim=1).values
+    above = ((scores > best[:, None]) & ~relevant).sum(dim=1)
+    g = ((scores == best[:, None]) & ~relevant).sum(dim=1)
+    r = ((scores == best[:, None]) & relevant).sum(dim=1)
+    hits = torch.zeros(scores.shape[0], device=scores.device)
+    for q in range(scores.shape[0]):
+        slots = k - int(above[q])
+        if slots <= 0 or int(r[q]) == 0:
+            continue
+        miss = 1.0  # probability that the first `slots` tied items are all non-relevant
+        for i in range(min(slots, int(g[q]) + 1)):  # past g non-relevant items the product is already 0
+            miss *= (int(g[q]) - i) / (int(g[q]) + int(r[q]) - i)
+        hits[q] = 1.0 - miss
+    return _reduce_valid(hits, relevant.any(dim=1), reduction)

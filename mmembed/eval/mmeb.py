@@ -15,6 +15,7 @@ collapsed model scores chance level instead of 100 (``ties="index"`` is VLM2Vec'
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -64,7 +65,9 @@ def resolve_mmeb_subsets(
     Args:
         data: ``{name: parquet}``; or a folder holding ``{name}.parquet`` files and optionally ``subsets.json``
             (subset -> meta_task / split / query_kind / candidate_kind, as ``mmembed-data synth`` writes it); or a
-            synthetic-world root (its ``eval/mmeb`` is used).
+            synthetic-world root (its ``eval/mmeb`` is used); or the hub layout, one folder per subset holding
+            ``{split}-00000-of-0000N.parquet`` shards (the root, or one subset folder). Hub-layout subsets are
+            named after their folder, so grouping comes from the public lists in ``mmembed.eval.benchmarks``.
 
     Returns:
         ``(paths, groups, meta)``; ``groups`` and ``meta`` are empty without a ``subsets.json``.
@@ -82,12 +85,27 @@ def resolve_mmeb_subsets(
             names = json.loads(listing.read_text(encoding="utf-8"))
             paths = {n: folder / f"{n}.parquet" if (folder / f"{n}.parquet").exists() else folder / n for n in names}
         else:
-            paths = {p.stem: p for p in sorted(folder.glob("*.parquet"))}
+            paths = _hub_or_flat_subsets(folder)
         if not paths:
-            raise FileNotFoundError(f"{folder} holds no subsets.json and no *.parquet files; point at MMEB subsets")
+            raise FileNotFoundError(f"{folder} holds no subsets.json, no *.parquet files and no subset folders of "
+                                    "parquet shards; point at MMEB subsets")
     if listing is None:
         return paths, {}, {}
     return paths, read_groups(listing), json.loads(listing.read_text(encoding="utf-8"))
+
+
+# Shard names of datasets pushed with `push_to_hub`: {split}-00000-of-00001.parquet.
+_HUB_SHARD = re.compile(r"^[\w.]+-\d{5}-of-\d{5}$")
+
+
+def _hub_or_flat_subsets(folder: Path) -> dict[str, Path]:
+    """``{name}.parquet`` files; else one subset folder of hub shards; else subfolders that hold parquet shards."""
+    files = sorted(folder.glob("*.parquet"))
+    if files and all(_HUB_SHARD.match(f.stem) for f in files):
+        return {folder.name: folder}  # one subset in the hub layout: its name is the folder's
+    if files:
+        return {f.stem: f for f in files}
+    return {d.name: d for d in sorted(folder.iterdir()) if d.is_dir() and any(d.glob("*.parquet"))}
 
 
 def _default_image_root(parquet: Path) -> Path:
@@ -191,6 +209,7 @@ def evaluate_mmeb(
     ties: metrics.Ties = "average",
     show_progress: bool | None = None,
     extra: dict | None = None,
+    instructions: str = "paper",
 ) -> MMEBResult:
     """Evaluate an embedder on MMEB-format subsets (paper Table 3 protocol).
 
@@ -213,6 +232,8 @@ def evaluate_mmeb(
         ties: Tie rule for Precision@1 (see module docstring).
         show_progress: Progress bars while encoding (default: on long inputs).
         extra: Context stored in ``metrics.json``.
+        instructions: ``"paper"`` (Tables 11-12, as in training; default) or ``"file"`` (the parquet's own); see
+            :func:`mmembed.data.evalsets.read_mmeb`.
 
     Returns:
         An :class:`MMEBResult` with per-subset, per-meta-task, IND/OOD and overall Precision@1, all x100.
@@ -225,12 +246,13 @@ def evaluate_mmeb(
         paths = {n: paths[n] for n in names}
     info_table = {**shipped, **(groups or {})}
     out = Path(out_dir) if out_dir is not None else None
-    result = MMEBResult("mmeb", "precision@1", "E" if reranker is None else "E+R", out_dir=out, extra=dict(extra or {}))
+    result = MMEBResult("mmeb", "precision@1", "E" if reranker is None else "E+R", out_dir=out,
+                        extra={"instructions": instructions, **(extra or {})})
     for name, path in paths.items():
         with Timer() as t:
             root = Path(image_root) if image_root is not None else _default_image_root(path)
             kinds = {k: meta.get(name, {}).get(k) for k in ("query_kind", "candidate_kind")}
-            subset = read_mmeb(path, root, version, name=name, **kinds)
+            subset = read_mmeb(path, root, version, name=name, instructions=instructions, **kinds)
             if max_queries is not None:
                 subset.rows = subset.rows[:max_queries]
                 _prune(subset)

@@ -8,6 +8,7 @@ Layout under ``out``::
     eval/mmeb/subsets.json               subset -> meta_task, IND/OOD, task, kinds, analog
     eval/visdoc/{set}/{queries,corpus,qrels}.parquet   BEIR layout (corpus image as HF Image struct)
     eval/visdoc/sets.json                set -> IND/OOD, style
+    eval/xmodal/sets.json + files        Table 5 analogs in public formats (Karpathy JSON, caption pairs, SugarCrepe)
     instruct/llava.json + instruct/images/   LLaVA-style conversations
     manifest.json                        seed, size and counts per dataset / task / split
 
@@ -36,6 +37,7 @@ from mmembed.data.shards import encode_image, write_shards
 from mmembed.data.synth import documents as docs
 from mmembed.data.synth.instruct import make_instruct
 from mmembed.data.synth.tasks import BY_NAME, DATASETS, Cand, Example, SynthDataset, _companies
+from mmembed.data.synth.xmodal import write_xmodal
 
 FORMAT = "mmembed-synth/1"
 IMAGE_TOKEN = "<|image_1|>"  # MMEB's legacy placeholder; the real parquet files carry it in the instructions
@@ -258,7 +260,8 @@ def write_instruct(name: str, out: Path, seed: int, cfg: SizeConfig) -> dict[str
     return {"conversations": len(records), "by_kind": dict(sorted(kinds.items()))}
 
 
-_WRITERS = {"train": write_train, "mmeb": write_mmeb, "visdoc": write_visdoc, "instruct": write_instruct}
+_WRITERS = {"train": write_train, "mmeb": write_mmeb, "visdoc": write_visdoc, "instruct": write_instruct,
+            "xmodal": write_xmodal}
 
 
 def _run(unit: tuple[str, str], out: Path, seed: int, cfg: SizeConfig) -> dict[str, Any]:
@@ -270,6 +273,7 @@ def plan(datasets: tuple[SynthDataset, ...] = DATASETS) -> list[tuple[str, str]]
     units = [("train", d.name) for d in datasets if not d.ood]
     units += [("mmeb", d.name) for d in datasets if d.meta_task != "visdoc"]
     units += [("visdoc", name) for name in VISDOC_SETS]
+    units += [("xmodal", "table5")]
     return units + [("instruct", "llava")]
 
 
@@ -356,7 +360,8 @@ def _manifest(results: dict[tuple[str, str], dict[str, Any]], seed: int, size: s
         "size": size,
         "config": asdict(cfg),
         "train": train,
-        "eval": {"mmeb": mmeb, "visdoc": {n: r for (k, n), r in results.items() if k == "visdoc"}},
+        "eval": {"mmeb": mmeb, "visdoc": {n: r for (k, n), r in results.items() if k == "visdoc"},
+                 "xmodal": results.get(("xmodal", "table5"), {})},
         "instruct": results[("instruct", "llava")],
         "totals": {
             "train_samples": sum(r["samples"] for r in train.values()),
