@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from rich.progress import track
 
 from mmembed.backbone.inputs import InputBuilder, TilePolicy
 from mmembed.backbone.model import MMEMBED_CONFIG, VTCBackbone, build_backbone
-from mmembed.types import Item, Role
+from mmembed.types import EncodeInput, Item, Role, as_item
+
+Precision = Literal["float32", "bfloat16", "float16"]
+_PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _autocast_dtype(precision: str | None) -> torch.dtype | None:
+    if precision is None:
+        return None
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
+    return _PRECISIONS[precision]
 
 
 class Embedder:
@@ -66,40 +81,92 @@ class Embedder:
         """Visual tokens this item costs (64 x tiles with factor 2 at 448px; 0 without image)."""
         return self.input_builder.num_visual_tokens(item)
 
-    def _cost(self, item: Item) -> int:
-        return len(item.text or "") // 4 + (self.num_visual_tokens(item) if item.image is not None else 0)
-
     @torch.no_grad()
-    def encode(self, items: list[Item], role: Role = "query", batch_size: int = 16,
-               show_progress: bool | None = None) -> torch.Tensor:
-        """Embed items; returns a float32 (N, D) CPU tensor with L2-normalised rows, in input order.
+    def encode(
+        self,
+        inputs: EncodeInput | Sequence[EncodeInput],
+        role: Role = "query",
+        batch_size: int = 16,
+        show_progress_bar: bool | None = None,
+        convert_to_numpy: bool = False,
+        convert_to_tensor: bool = False,
+        normalize_embeddings: bool = True,
+        device: str | torch.device | None = None,
+        precision: Precision | None = None,
+        sort_by_length: bool = True,
+        show_progress: bool | None = None,
+    ) -> torch.Tensor | np.ndarray:
+        """Embed inputs, the way sentence-transformers' ``encode`` is called.
 
-        Items of similar length are batched together (less padding); a progress bar shows on long inputs.
+        Inputs are batched by their real token count (prompt tokens + visual tokens), so a batch holds items of
+        similar length and little padding is computed; the output follows the input order.
+
+        Args:
+            inputs: One input or a list of them: ``Item``, ``str`` (text), ``PIL.Image``, ``pathlib.Path`` (an image
+                file; a plain ``str`` is always text) or a dict with ``text/image/instruction/kind``.
+            role: ``"query"`` or ``"candidate"`` -- which of the paper's templates wraps the input.
+            batch_size: Items per forward pass.
+            show_progress_bar: Progress bar over batches; default when there are more than 8 batches.
+            convert_to_numpy: Return a ``np.ndarray`` instead of a tensor.
+            convert_to_tensor: Return a ``torch.Tensor`` (the default here; it wins over ``convert_to_numpy``).
+            normalize_embeddings: L2-normalise the rows (the model's native output; cosine = inner product).
+            device: Run on this device; the model is moved there and stays (as in sentence-transformers).
+            precision: Compute dtype: ``"float32"`` (no autocast), ``"bfloat16"`` or ``"float16"`` (autocast);
+                default: the weights' dtype. The output is float32 either way.
+            sort_by_length: Batch by token count (default); ``False`` batches in input order (for comparison).
+            show_progress: Deprecated alias of ``show_progress_bar``.
+
+        Returns:
+            (N, D) float32 embeddings on the CPU, or (D,) for a single (non-list) input.
+
+        Raises:
+            TypeError: An input of an unsupported type. ValueError: an empty item, a bad role or precision.
         """
         if role not in ("query", "candidate"):
             raise ValueError(f"role must be 'query' or 'candidate', got {role!r}")
-        if not items:
-            return torch.empty(0, self.embed_dim)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        autocast_dtype = _autocast_dtype(precision)
+        single = not isinstance(inputs, list | tuple)
+        items = [as_item(x, i) for i, x in enumerate([inputs] if single else inputs)]
         for i, it in enumerate(items):
-            if not isinstance(it, Item):
-                raise TypeError(f"item {i} is a {type(it).__name__}, not an mmembed.Item")
             if it.is_empty:
                 raise ValueError(f"item {i} has neither text nor image; drop it or give it content")
-        order = sorted(range(len(items)), key=lambda i: self._cost(items[i]))
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        if show_progress is None:
-            show_progress = len(batches) > 8
-        was_training = self.module.training
-        self.module.eval()
+        if device is not None and torch.device(device) != self.device:
+            self.module.to(device)
         out = torch.empty(len(items), self.embed_dim)
-        it = track(batches, description=f"encoding {role}s") if show_progress else batches
-        try:
-            for idx in it:
-                batch = self.input_builder([items[i] for i in idx], role).to(self.device)
-                out[idx] = self.module.embed(**batch).float().cpu()
-        finally:
-            self.module.train(was_training)
-        return out
+        if items:
+            if sort_by_length:
+                lengths = self.input_builder.num_tokens(items, role)
+                order = sorted(range(len(items)), key=lengths.__getitem__)
+            else:
+                order = list(range(len(items)))
+            batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+            show = show_progress_bar if show_progress_bar is not None else show_progress
+            show = len(batches) > 8 if show is None else show
+            dev = self.device
+            was_training = self.module.training
+            self.module.eval()
+            try:
+                for idx in track(batches, description=f"encoding {role}s") if show else batches:
+                    batch = self.input_builder([items[i] for i in idx], role).to(dev)
+                    with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                        emb = self.module.embed(**batch, normalize=normalize_embeddings)
+                    out[idx] = emb.float().cpu()
+            finally:
+                self.module.train(was_training)
+        if single:
+            out = out[0]
+        return out.numpy() if convert_to_numpy and not convert_to_tensor else out
+
+    @staticmethod
+    def similarity(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Cosine similarity matrix (N, M) between two sets of embeddings (1-D inputs count as one row)."""
+        a_t, b_t = (torch.as_tensor(x, dtype=torch.float32) for x in (a, b))
+        a_t, b_t = (x.unsqueeze(0) if x.ndim == 1 else x for x in (a_t, b_t))
+        if a_t.shape[-1] != b_t.shape[-1]:
+            raise ValueError(f"embeddings must share their dimension, got {a_t.shape[-1]} and {b_t.shape[-1]}")
+        return F.normalize(a_t, dim=-1) @ F.normalize(b_t, dim=-1).T
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write a self-contained folder: merged weights (safetensors), config, processor, VTC settings.

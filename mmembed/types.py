@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from PIL import Image
 
@@ -36,3 +38,34 @@ class Item:
     @property
     def is_empty(self) -> bool:
         return (self.text is None or not self.text.strip()) and self.image is None
+
+
+#: What ``Embedder.encode`` accepts per input (see :func:`as_item`).
+EncodeInput = Item | str | Image.Image | os.PathLike | Mapping[str, Any]
+
+_ITEM_FIELDS = tuple(f.name for f in fields(Item))
+
+
+def as_item(value: Any, index: int = 0) -> Item:
+    """Coerce one user input into an :class:`Item`.
+
+    ``Item`` is kept; ``str`` is text; a ``PIL.Image.Image`` or a ``pathlib.Path`` / ``os.PathLike`` is an image (a
+    plain ``str`` is always text, never a path); a mapping is ``Item(**mapping)`` with keys among
+    ``text, image, instruction, kind``.
+
+    Raises:
+        TypeError: For any other type, or a mapping with unknown keys.
+    """
+    if isinstance(value, Item):
+        return value
+    if isinstance(value, str):
+        return Item(text=value)
+    if isinstance(value, Image.Image | os.PathLike):
+        return Item(image=value if isinstance(value, Image.Image) else Path(value))
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(_ITEM_FIELDS))
+        if unknown:
+            raise TypeError(f"input {index}: unknown keys {unknown}; an item dict takes {', '.join(_ITEM_FIELDS)}")
+        return Item(**value)
+    raise TypeError(f"input {index} is a {type(value).__name__}; pass an mmembed.Item, a str (text), a PIL image, "
+                    "a pathlib.Path (image file) or a dict with text/image/instruction/kind")

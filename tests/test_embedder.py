@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import InternVLForConditionalGeneration
@@ -60,8 +61,12 @@ def test_bad_inputs_give_clear_errors(tiny_embedder, tmp_path):
     bad.write_bytes(b"not a png")
     with pytest.raises(ValueError, match=r"cannot read image .*bad\.png"):
         tiny_embedder.encode([Item(image=bad)])
-    with pytest.raises(TypeError, match="not an mmembed.Item"):
-        tiny_embedder.encode(["plain string"])
+    with pytest.raises(TypeError, match="input 1 is a int"):
+        tiny_embedder.encode(["plain string", 3])
+    with pytest.raises(TypeError, match=r"unknown keys \['caption'\]"):
+        tiny_embedder.encode([{"caption": "x"}])
+    with pytest.raises(ValueError, match="precision must be one of"):
+        tiny_embedder.encode("x", precision="int8")
     with pytest.raises(ValueError, match="unknown preset"):
         Embedder.from_pretrained("tinyy")
     (tmp_path / "empty").mkdir()
@@ -135,3 +140,49 @@ def test_save_pretrained_merges_lora_and_round_trips(tmp_path, images):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert not any("lora" in k for k in stock.state_dict())
     assert stock.config.image_seq_length == 4  # the compressed count: a stock model cannot run it unnoticed
+
+
+def test_encode_accepts_sentence_transformers_style_inputs(tiny_embedder, images, tmp_path):
+    path = tmp_path / "img.png"
+    images[1].save(path)
+    items = [Item(text="a red circle"), Item(image=images[0]), Item(image=path), Item(text="t", instruction=INST)]
+    ref = tiny_embedder.encode(items, role="candidate")
+    mixed = tiny_embedder.encode(["a red circle", images[0], path, {"text": "t", "instruction": INST}],
+                                 role="candidate", batch_size=3)
+    assert (mixed - ref).abs().max() < 1e-5
+    one = tiny_embedder.encode("a red circle", role="candidate", convert_to_numpy=True)
+    assert isinstance(one, np.ndarray) and one.shape == (tiny_embedder.embed_dim,)
+    assert np.abs(one - ref[0].numpy()).max() < 1e-5
+    assert isinstance(tiny_embedder.encode(["x"], convert_to_numpy=True, convert_to_tensor=True), torch.Tensor)
+    assert tiny_embedder.encode([]).shape == (0, tiny_embedder.embed_dim)
+
+
+def test_encode_length_sorting_restores_order_and_matches_unsorted(tiny_embedder, images):
+    items = _items(images) + [Item(text="short"), Item(image=images[2], kind="document", text="page")]
+    sorted_ = tiny_embedder.encode(items, batch_size=2)
+    unsorted = tiny_embedder.encode(items, batch_size=2, sort_by_length=False, show_progress=False)
+    assert (sorted_ - unsorted).abs().max() < 1e-4
+
+
+def test_num_tokens_equals_the_built_sequence_length(tiny_embedder, images):
+    b = tiny_embedder.input_builder
+    items = _items(images) + [Item(image=make_image(600, 200), kind="document", text="doc page")]
+    for role in ("query", "candidate"):
+        real = [len(b.encode_one(it, role)["input_ids"]) for it in items]
+        assert b.num_tokens(items, role) == real
+    assert len(set(real)) > 3  # the lengths really differ, so sorting by them matters
+
+
+def test_encode_normalize_precision_device_and_similarity(tiny_embedder, images):
+    items = ["a red circle", images[0], "two green squares"]
+    normed = tiny_embedder.encode(items)
+    raw = tiny_embedder.encode(items, normalize_embeddings=False, device="cpu")
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(3), atol=1e-3)
+    torch.testing.assert_close(torch.nn.functional.normalize(raw, dim=-1), normed, atol=1e-5, rtol=0)
+    bf16 = tiny_embedder.encode(items, precision="bfloat16")
+    assert bf16.dtype == torch.float32 and 0 < (bf16 - normed).abs().max() < 0.1  # computed in bf16, close to fp32
+    sim = tiny_embedder.similarity(normed, normed[:2].numpy())
+    assert sim.shape == (3, 2)
+    torch.testing.assert_close(sim, normed @ normed[:2].T, atol=1e-6, rtol=0)
+    torch.testing.assert_close(tiny_embedder.similarity(raw[0], raw[1]), (normed[0] @ normed[1]).reshape(1, 1),
+                               atol=1e-6, rtol=0)

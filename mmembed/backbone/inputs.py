@@ -180,3 +180,15 @@ class InputBuilder:
     def num_visual_tokens(self, item: Item) -> int:
         """``<IMG_CONTEXT>`` tokens the item costs: tokens per tile x tiles (thumbnail included)."""
         return self.processor.image_seq_length * self.num_tiles(item)
+
+    def num_tokens(self, items: list[Item], role: Role) -> list[int]:
+        """Sequence length of each item as ``encode_one`` builds it, without processing pixels.
+
+        The prompts are tokenized in one call; an image adds its visual tokens plus ``<img>``/``</img>`` in place
+        of the one placeholder token the prompt holds (the processor's expansion). Image sizes come from headers.
+        """
+        if not items:
+            return []
+        ids = self.tokenizer([self.prompt(it, role) for it in items], add_special_tokens=False)["input_ids"]
+        return [len(t) + (self.num_visual_tokens(it) + 1 if it.image is not None else 0)
+                for t, it in zip(ids, items)]

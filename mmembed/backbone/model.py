@@ -196,13 +196,16 @@ class VTCBackbone(nn.Module):
             )
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              **_: object) -> torch.Tensor:
-        """(B, D) L2-normalised last-token embeddings (paper eq. 1). Extra batch keys (``num_tiles``) are ignored."""
+              normalize: bool = True, **_: object) -> torch.Tensor:
+        """(B, D) last-token embeddings (paper eq. 1), L2-normalised unless ``normalize=False``.
+
+        Extra batch keys (``num_tiles``) are ignored.
+        """
         if pixel_values is not None:
             pixel_values = pixel_values.to(self.internvl.vision_tower.dtype)
         out = self.internvl(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                             use_cache=False)
-        return last_token_pool(out.last_hidden_state, attention_mask)
+        return last_token_pool(out.last_hidden_state, attention_mask, normalize=normalize)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs):

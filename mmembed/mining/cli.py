@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=("exact", "faiss"), default="exact")
     parser.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))
     parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
+    parser.add_argument("--corpus-index", default=None,
+                        help="saved index of these shards' positives (mmembed-index build): reuse its vectors")
     return parser
 
 
@@ -58,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = mine_hard_negatives(
         embedder, args.shards, args.out, strategy=args.strategy, window=tuple(args.window), n=args.n, k=args.k,
         seed=args.seed, batch_size=args.batch_size, maxcount=args.maxcount, world_size=args.world_size,
-        rank=args.rank, backend=args.backend)
+        rank=args.rank, backend=args.backend, corpus_index=args.corpus_index)
     if summary is None:  # a rank other than 0: its embeddings are written, rank 0 finishes the job
         return 0
     from rich.console import Console

@@ -195,6 +195,15 @@ def content_key(side: Side, image: Image.Image | None) -> str:
     return h.hexdigest()
 
 
+def corpus_id(dataset: str, side: Side, image: Image.Image | None, key: str | None = None) -> str:
+    """The corpus id of a positive: its ``Side.id``, else ``{dataset}/sha1:{content hash}`` (saved indexes use it too).
+
+    Args:
+        key: The side's :func:`content_key` when already computed.
+    """
+    return side.id or f"{dataset}/sha1:{(key or content_key(side, image))[:16]}"
+
+
 def _collect(urls: list[str], counter: SkipCounter) -> dict[str, _Dataset]:
     """Read all samples, group them by dataset and build each dataset's deduplicated positive corpus."""
     datasets: dict[str, _Dataset] = {}
@@ -212,7 +221,7 @@ def _collect(urls: list[str], counter: SkipCounter) -> dict[str, _Dataset]:
             j = by_dedupe.get(dedupe)
             if j is None:
                 j = by_dedupe[dedupe] = len(ds.corpus)
-                cid = pos.id or f"{ds.name}/sha1:{key[:16]}"
+                cid = corpus_id(ds.name, pos, image, key)
                 ds.corpus.append(_Candidate(cid=cid, key=key, side=pos, image=image))
             else:
                 ds.merged += 1
@@ -221,14 +230,33 @@ def _collect(urls: list[str], counter: SkipCounter) -> dict[str, _Dataset]:
 
 
 # ------------------------------------------------------------------------------------------------------- embedding
-def _blocks(datasets: dict[str, _Dataset], block_size: int) -> list[tuple[str, str, int, int]]:
+def _blocks(datasets: dict[str, _Dataset], block_size: int,
+            roles: Sequence[str] = _ROLES) -> list[tuple[str, str, int, int]]:
     """The work blocks ``(dataset, role, start, stop)`` in a fixed order; block ``b`` belongs to rank ``b % world``."""
     out = []
     for name, ds in datasets.items():
-        for role in _ROLES:
+        for role in roles:
             total = len(ds.corpus) if role == "candidate" else len(ds.samples)
             out.extend((name, role, s, min(s + block_size, total)) for s in range(0, total, block_size))
     return out
+
+
+def model_fingerprint(embedder: Any) -> str:
+    """A hash of a few values of every parameter of ``embedder.module``: tells two models' embeddings apart.
+
+    Cheap even for a 1B model, and enough to tell a stale file left by a run with other weights from this run's.
+    Empty string for an embedder without a torch module (e.g. a test double).
+    """
+    module = getattr(embedder, "module", None)
+    if not isinstance(module, torch.nn.Module):
+        return ""
+    h = hashlib.sha1()
+    with torch.no_grad():
+        for pname, p in module.named_parameters():
+            flat = p.detach().flatten()
+            probe = torch.cat([flat[:8], flat[-8:]]).float().cpu().numpy()
+            h.update(f"{pname}{tuple(p.shape)}".encode() + probe.tobytes())
+    return h.hexdigest()
 
 
 def _fingerprint(embedder: Any, datasets: dict[str, _Dataset], block_size: int, world_size: int) -> str:
@@ -238,13 +266,7 @@ def _fingerprint(embedder: Any, datasets: dict[str, _Dataset], block_size: int, 
     stale part left by a crashed run with other weights from this run's.
     """
     h = hashlib.sha1(f"{block_size}/{world_size}".encode())
-    module = getattr(embedder, "module", None)
-    if isinstance(module, torch.nn.Module):
-        with torch.no_grad():
-            for pname, p in module.named_parameters():
-                flat = p.detach().flatten()
-                probe = torch.cat([flat[:8], flat[-8:]]).float().cpu().numpy()
-                h.update(f"{pname}{tuple(p.shape)}".encode() + probe.tobytes())
+    h.update(model_fingerprint(embedder).encode())
     for name, ds in datasets.items():
         h.update(name.encode())
         h.update("\n".join(c.cid + c.key for c in ds.corpus).encode())
@@ -297,6 +319,19 @@ def _assemble(datasets: dict[str, _Dataset], blocks: list[tuple[str, str, int, i
     for b, (name, role, _, _) in enumerate(blocks):
         pieces.setdefault((name, role), []).append(embedded[b])
     return {key: torch.cat(v) for key, v in pieces.items()}
+
+
+def _open_corpus_index(corpus_index: Any, embedder: Any):
+    from mmembed.index import Index
+
+    index = corpus_index if isinstance(corpus_index, Index) else Index.load(corpus_index)
+    if index.info.get("role", "candidate") != "candidate":
+        raise ValueError(f"corpus_index holds {index.info['role']!r} embeddings; mining needs candidate ones")
+    made_by, ours = index.info.get("model_fingerprint"), model_fingerprint(embedder)
+    if made_by and ours and made_by != ours:
+        raise ValueError("corpus_index was built with other model weights than this embedder; rebuild it with "
+                         "this model (mmembed-index build --model ...) or drop corpus_index")
+    return index
 
 
 # ---------------------------------------------------------------------------------------------------- ranking
@@ -445,6 +480,7 @@ def mine_hard_negatives(
     backend: Literal["exact", "faiss"] = "exact",
     part_timeout_s: float = 3600.0,
     show_progress: bool | None = None,
+    corpus_index: str | os.PathLike | Any | None = None,
 ) -> MiningSummary | None:
     """Mine hard negatives for every query of every sub-dataset and write new shards, a manifest and a summary.
 
@@ -469,6 +505,9 @@ def mine_hard_negatives(
         backend: Search backend, ``"exact"`` (torch) or ``"faiss"`` (exact flat index).
         part_timeout_s: How long rank 0 waits for the other ranks' embeddings.
         show_progress: Progress bar over the embedding blocks; default when there are more than 8.
+        corpus_index: A saved :class:`~mmembed.index.Index` (folder or object) built from these shards with this
+            model (``mmembed-index build --corpus SHARDS``): candidate embeddings are read from it by corpus id
+            instead of being encoded again; only the queries are embedded.
 
     Returns:
         The :class:`MiningSummary` on rank 0, None on other ranks.
@@ -501,8 +540,9 @@ def mine_hard_negatives(
     datasets = _collect(urls, counter)
     t_read = time.perf_counter()
 
+    index = _open_corpus_index(corpus_index, embedder) if corpus_index is not None else None
     block_size = batch_size * BLOCK_BATCHES
-    blocks = _blocks(datasets, block_size)
+    blocks = _blocks(datasets, block_size, roles=("query",) if index is not None else _ROLES)
     mine = [b for b in range(len(blocks)) if b % world_size == rank]
     show = len(mine) > 8 if show_progress is None else show_progress
     embedded = _embed_blocks(embedder, datasets, blocks, mine, batch_size, show)
@@ -518,6 +558,13 @@ def mine_hard_negatives(
             return None
         embedded = _gather_parts(out, world_size, fingerprint, embedded, part_timeout_s)
     emb = _assemble(datasets, blocks, embedded)
+    if index is not None:
+        for name, ds in datasets.items():
+            try:
+                emb[name, "candidate"] = torch.from_numpy(index.vectors_for([c.cid for c in ds.corpus]))
+            except KeyError as err:
+                raise ValueError(f"dataset {name!r}: {err.args[0]}; build the index from the same shards "
+                                 "(mmembed-index build --corpus SHARDS) or drop corpus_index") from None
     t_embed = time.perf_counter()  # on rank 0 this includes waiting for the other ranks
 
     device = getattr(embedder, "device", None)
