@@ -20,6 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from mmembed.errors import run_cli
 from mmembed.eval.benchmarks import VISDOC_GROUP_TITLES
 from mmembed.eval.runner import BenchmarkResult
 
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--run-depth", type=int, default=100, help="candidates per query in the run files")
     common.add_argument("--vtc-factor", type=int, default=None, help="override the model's compression factor")
     common.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     mmeb = sub.add_parser("mmeb", parents=[common], help="MMEB: Precision@1 over each query's own candidates")
     mmeb.add_argument("--image-root", type=Path, default=None, help="folder the parquet image paths are relative to")
     mmeb.add_argument("--version", choices=("v2", "v1"), default="v2", help="MMEB parquet columns")
@@ -73,6 +75,13 @@ def result_table(result: BenchmarkResult) -> Table:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_cli(lambda: _evaluate(args), prog="mmembed-eval", debug=args.debug)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    if not args.data.exists():  # before the model loads: a wrong path should not cost the load
+        raise FileNotFoundError(f"--data {args.data} does not exist; point at a benchmark folder "
+                                "(e.g. the synthetic world from `mmembed-data synth --out data/synth`)")
     # Heavy imports (torch, transformers) only once the arguments are known to be valid.
     from mmembed.embedder import Embedder
 
