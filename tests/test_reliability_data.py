@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -240,28 +240,36 @@ def _mutated_png(data: bytes, flips: list[tuple[int, int]]) -> bytes:
     return bytes(b)
 
 
+_TEXT_FIELDS = ["id", "dataset", "query.text", "query.instruction", "query.id", "positive.text",
+                "positive.instruction", "positive.id"]
+_TEXT = st.one_of(st.text(max_size=30), st.sampled_from(["\ud800", "a\udfffb", "x <IMG_CONTEXT> y", "</img>", "", " "]))
+
+
 @st.composite
 def raw_samples(draw) -> dict:
     d = _i2t_sample().to_json()
     for _ in range(draw(st.integers(0, 3))):
-        dotted = draw(st.sampled_from(_FIELDS))
+        if draw(st.booleans()):  # a hostile string where a string belongs
+            dotted, value = draw(st.sampled_from(_TEXT_FIELDS)), draw(_TEXT)
+        else:  # any JSON value anywhere
+            dotted, value = draw(st.sampled_from(_FIELDS)), draw(_JSON)
         *parents, last = dotted.split(".")
         target = d
         for p in parents:
             target = target.get(p) if isinstance(target, dict) else None
         if isinstance(target, dict):
-            target[last] = draw(_JSON)
-    if draw(st.booleans()):
+            target[last] = value
+    if draw(st.integers(0, 4)):
         data = json.dumps(d).encode()
     else:  # raw bytes: cut, garbled or deeply nested JSON
         data = draw(st.one_of(st.binary(max_size=64), st.just(json.dumps(d).encode()[: draw(st.integers(0, 40))]),
                               st.integers(1, 100_000).map(lambda n: b"{\"a\":" * n + b"1" + b"}" * n)))
-    image = draw(st.one_of(st.just(png_bytes()), st.binary(max_size=200),
+    image = draw(st.one_of(st.just(png_bytes()), st.just(rotated_rgba_png()), st.binary(max_size=200),
                            st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=6)
                            .map(lambda flips: _mutated_png(png_bytes(), flips)),
-                           st.just(bomb_png(9000, 9000)), st.just(rotated_rgba_png())))
-    return {"__key__": draw(st.sampled_from(["k", "../k", "/k", "a/b", "k-1"])), "json": data, "query.png": image,
-            "pos.png": image}
+                           st.just(bomb_png(9000, 9000))))
+    key = draw(st.sampled_from(["../k", "/k", "a/b", "k-1", "C:k"])) if draw(st.integers(0, 4)) == 0 else "k"
+    return {"__key__": key, "json": data, "query.png": image, "pos.png": image}
 
 
 @pytest.fixture(scope="module")
@@ -281,10 +289,12 @@ def test_fuzzed_samples_never_crash_the_reader_or_the_collate(raw, builder):
     """Every raw sample either decodes into items the InputBuilder encodes, or is skipped with a known reason."""
     try:
         sample, images = decode_sample(raw, seen_ids=set())
-    except SkipSample:
+    except SkipSample as skip:
+        event(f"skipped: {skip.reason}")  # --hypothesis-show-statistics lists how the cases ended
         return
     from mmembed.data.decode import DecodedSample
 
     query, positive, negatives = DecodedSample(sample, images).items()
     for role, item in (("query", query), ("candidate", positive)):
         builder.encode_one(item, role)  # type: ignore[arg-type]
+    event("decoded and encoded")
