@@ -27,7 +27,7 @@ def write_bench_shards(root: Path, per_dataset: int = 128, per_shard: int = 32) 
     from PIL import Image, ImageDraw
 
     from mmembed.data.schema import Sample, Side
-    from mmembed.data.shards import write_shards
+    from mmembed.data.writing import write_shards
 
     def scene(i: int) -> Image.Image:
         img = Image.new("RGB", (256, 256), ("white", "gray", "beige")[i % 3])

@@ -4,7 +4,7 @@ The streaming pipeline every shard-based DataModule builds per rank (open_clip's
 
     ShardSource (same seeded permutation on every rank, new one per epoch and per pass)
       -> split_by_rank (this rank's shards) -> wds.split_by_worker (this worker's shards)
-      -> read_shard_samples -> decode_and_skip (skips counted, see mmembed.data.shards)
+      -> read_shard_samples -> decode_and_skip (skips counted, see mmembed.data.decode)
       -> SeededShuffle (buffer) -> ... DataModule-specific grouping and collate ...
 
 wrapped in a :class:`RankLoader` (a ``wds.WebLoader``) that yields a fixed number of batches per epoch, so every

@@ -31,14 +31,10 @@ from datamodules.common import (
     worker_info,
 )
 from mmembed.backbone.inputs import InputBuilder
-from mmembed.data.shards import (
-    DecodedSample,
-    SkipCounter,
-    count_shards,
-    decode_and_skip,
-    expand_urls,
-    read_shard_samples,
-)
+from mmembed.data.decode import DecodedSample, decode_and_skip
+from mmembed.data.inspection import count_shards
+from mmembed.data.reading import expand_urls, read_shard_samples
+from mmembed.data.skips import SkipCounter
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.common import add_counts, resolve_world
 from mmembed.backbone.inputs import InputBuilder, tiling_kwargs
-from mmembed.data.shards import SkipCounter, SkipSample, open_image
+from mmembed.data.images import open_image
+from mmembed.data.skips import SkipCounter, SkipSample
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,81 @@ class ConfigError(SystemExit):
         return self.msg
 
 
+@dataclass
+class RunSchema:
+    """Types of the primary config's scalar fields (a structured-config schema, checked at composition)."""
+
+    task: str = "train"
+    exp_name: str = "default"
+    seed: int = 0
+    save_embedder: bool = True
+    ckpt_path: str | None = None
+
+
+@dataclass
+class TrainerSchema:
+    """Types of the ``lightning.Trainer`` arguments the configs and users set (others pass unchecked)."""
+
+    max_epochs: int | None = None
+    min_epochs: int | None = None
+    max_steps: int = -1
+    min_steps: int | None = None
+    limit_train_batches: float | None = None
+    limit_val_batches: float | None = None
+    val_check_interval: float | None = None
+    check_val_every_n_epoch: int | None = None
+    num_sanity_val_steps: int | None = None
+    log_every_n_steps: int | None = None
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None
+    num_nodes: int = 1
+    enable_checkpointing: bool | None = None
+    enable_progress_bar: bool | None = None
+    enable_model_summary: bool | None = None
+    use_distributed_sampler: bool = True
+    deterministic: bool | None = None
+    benchmark: bool | None = None
+    fast_dev_run: bool | None = None
+
+
+@dataclass
+class DataSchema:
+    """Types of the DataModule's counting fields (both data configs have them)."""
+
+    batch_size: int = 16
+    num_hard_negatives: int = 0
+    num_workers: int = 0
+    shuffle_buffer: int = 0
+    samples_per_epoch: int | None = None
+
+
+_SCHEMAS = (("", RunSchema), ("trainer", TrainerSchema), ("data", DataSchema))
+
+
+def check_types(cfg: DictConfig) -> None:
+    """Check the typed fields against their schemas (OmegaConf converts "5" to 5 and refuses "abc" for an int).
+
+    Raises:
+        ConfigError: Naming the key, its value and the type it needs.
+    """
+    for prefix, schema in _SCHEMAS:
+        node = cfg.get(prefix) if prefix else cfg
+        if node is None:
+            continue
+        typed = OmegaConf.structured(schema)
+        for f in fields(schema):
+            if f.name not in node:
+                continue
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            try:
+                value = OmegaConf.select(cfg, key, throw_on_missing=False)
+                typed[f.name] = value
+            except OmegaConfBaseException as e:
+                want = getattr(f.type, "__name__", str(f.type)).replace("None", "null")
+                raise ConfigError(f"{key}={value!r} is not a valid {want} ({str(e).splitlines()[0]}); "
+                                  f"e.g. {key}={getattr(schema(), f.name)}") from None
+
+
 def validate(cfg: DictConfig) -> None:
     """Check the composed config before anything heavy starts; raise ``ConfigError`` with the fix."""
     if cfg.task not in TASKS:
@@ -53,6 +129,7 @@ def validate(cfg: DictConfig) -> None:
         key = getattr(e, "full_key", "") or ""
         raise ConfigError(f"config value {key or ''} is missing or invalid ({type(e).__name__}: "
                           f"{str(e).splitlines()[0]}); set it on the command line, e.g. {key or 'key'}=...") from None
+    check_types(cfg)
     mc = cfg.module
     if mc.get("gradcache_chunk_size") and cfg.trainer.get("gradient_clip_val"):
         # Lightning refuses automatic clipping with manual optimisation; GradCache clips in the module instead.
@@ -66,6 +143,14 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; point at <run>/checkpoints/last.ckpt")
     if cfg.mining.checkpoint and not Path(cfg.mining.checkpoint).is_dir():
         raise ConfigError(f"mining.checkpoint={cfg.mining.checkpoint} is not a folder; train stage2_warmup first")
+    uri = (cfg.get("logger") or {}).get("tracking_uri")
+    if uri:  # before any data is generated: a server that is down fails here, in seconds
+        from mmembed.tracking import check_server
+
+        try:
+            check_server(str(uri))
+        except ConnectionError as e:
+            raise ConfigError(f"logger.tracking_uri: {e}") from None
 
 
 def ensure_synthetic_world(cfg: DictConfig) -> None:
@@ -224,6 +309,21 @@ def main(cfg: DictConfig) -> dict[str, float] | None:
     except ConfigError as e:
         print(f"config error: {e.msg}", file=sys.stderr)
         raise
+    from mmembed.errors import USER_ERRORS, one_line
+
+    try:
+        return run_task(cfg)
+    except USER_ERRORS as e:
+        # Run-time failures (an empty shard glob, samples_per_epoch too small, an unreachable MLflow server) end
+        # with one line; Hydra would print a stripped traceback instead.
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {one_line(e)} (HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def run_task(cfg: DictConfig) -> dict[str, float] | None:
+    """Run the configured task on a validated config."""
     ensure_synthetic_world(cfg)
     if cfg.task == "train":
         return train(cfg)

@@ -115,6 +115,30 @@ def ensure_store(tracking_uri: str | None) -> None:
     _READY_STORES.add(tracking_uri)
 
 
+def check_server(tracking_uri: str, timeout: float = 3.0) -> None:
+    """Fail fast when an ``http(s)://`` tracking server does not accept connections (MLflow itself retries for
+    minutes before giving up). Other stores (sqlite, files) are not checked.
+
+    Raises:
+        ConnectionError: One line naming the URI and how to start a server or use the embedded store.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(tracking_uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "localhost", port), timeout=timeout):
+            pass
+    except OSError as exn:
+        raise ConnectionError(
+            f"MLflow server {tracking_uri} is not reachable ({exn.strerror or exn}); start it with `mlflow server "
+            f"--host {parts.hostname} --port {port} --backend-store-uri sqlite:///logs/mlflow.db`, or use "
+            "logger=mlflow (embedded sqlite store)") from None
+
+
 def _client(tracking_uri: str | None) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
@@ -243,6 +267,7 @@ def make_mlflow_logger(
     from lightning.pytorch.loggers import MLFlowLogger
 
     uri = tracking_uri or default_tracking_uri(output_dir)
+    check_server(uri)
     artifact_location = default_artifact_location(output_dir, experiment_name) if is_local_store(uri) else None
     run_tags = {str(k): str(v) for k, v in (tags or {}).items()}
     # Only rank 0 creates runs (MLFlowLogger.experiment is rank-zero-only), so only it touches the store here.

@@ -10,9 +10,25 @@ from typing import Any, Literal
 
 from PIL import Image
 
-ImageLike = Image.Image | str | Path
+ImageLike = Image.Image | str | Path | bytes
 Kind = Literal["natural", "document"]
 Role = Literal["query", "candidate"]
+
+#: InternVL's image markup. The processor expands ``<IMG_CONTEXT>`` into the image's tokens and the model matches
+#: ``<img>``/``</img>`` blocks to images, so any of them inside a text would break the image-token count.
+IMAGE_TOKEN_STRINGS = ("<IMG_CONTEXT>", "<img>", "</img>")
+
+
+def text_problem(text: str) -> str | None:
+    """Why a string cannot go into a prompt (a lone surrogate, or an image token inside it), else ``None``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exn:
+        return f"not valid Unicode text ({exn.reason} at position {exn.start})"
+    for token in IMAGE_TOKEN_STRINGS:
+        if token in text:
+            return f"contains the image token {token!r}; images go in the image field, not in text"
+    return None
 
 
 @dataclass
@@ -21,9 +37,12 @@ class Item:
 
     Args:
         text: Free text (query text, caption, answer, ...). ``None`` when absent.
-        image: A PIL image or a path to one. ``None`` when absent.
+        image: A PIL image, a path to an image file, or encoded image bytes. ``None`` when absent.
         instruction: Task instruction (paper Tables 11-12). ``None`` uses no instruction line.
         kind: ``"natural"`` (1 tile) or ``"document"`` (up to 4 tiles + thumbnail); decides the tiling policy.
+
+    Raises:
+        ValueError: A field of the wrong type, text that is not valid Unicode, or an image token inside a text.
     """
 
     text: str | None = None
@@ -34,6 +53,20 @@ class Item:
     def __post_init__(self) -> None:
         if self.kind not in ("natural", "document"):
             raise ValueError(f"Item.kind must be 'natural' or 'document', got {self.kind!r}")
+        for name in ("text", "instruction"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise ValueError(f"Item.{name} must be a string or None, got {type(value).__name__}")
+            problem = text_problem(value)
+            if problem:
+                raise ValueError(f"Item.{name} {problem}")
+        image = self.image
+        if image is not None and not isinstance(image, Image.Image | str | os.PathLike | bytes | bytearray):
+            raise ValueError(f"Item.image must be a path, a PIL image or encoded bytes, got {type(image).__name__}")
+        if isinstance(image, bytearray):
+            self.image = bytes(image)
 
     @property
     def is_empty(self) -> bool:

@@ -6,11 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers import BatchFeature
 
 from mmembed.backbone.templates import format_item_text, template_parts
-from mmembed.types import Item, Role
+from mmembed.data.images import DEFAULT_MAX_PIXELS, describe_source, open_image
+from mmembed.data.images import image_size as _image_size
+from mmembed.data.skips import SkipSample
+from mmembed.types import ImageLike, Item, Role
 
 
 @dataclass(frozen=True)
@@ -43,33 +46,34 @@ def tiling_kwargs(max_tiles: int) -> dict:
     return {"crop_to_patches": max_tiles > 1, "max_patches": max_tiles, "min_patches": 1}
 
 
-def load_image(image: Image.Image | str | Path, what: str = "image") -> Image.Image:
-    """Open a PIL image or path as RGB, with a one-line error naming the path on failure."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB") if image.mode != "RGB" else image
-    path = Path(image)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what}: image file not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{what}: cannot read image {path}: {e}") from None
+def _image_error(exn: SkipSample, what: str, image: object) -> ValueError:
+    return ValueError(f"{what}: cannot read image {describe_source(image)}: {exn.reason} ({exn.detail[:200]})")
 
 
-def image_size(image: Image.Image | str | Path, what: str = "image") -> tuple[int, int]:
-    """(width, height) without decoding pixels; same one-line errors as ``load_image``."""
-    if isinstance(image, Image.Image):
-        return image.size
-    path = Path(image)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what}: image file not found: {path}")
+def load_image(image: ImageLike, what: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode a PIL image, a path or encoded bytes with the kit's one decoder (EXIF rotation, alpha on white, the
+    shards' pixel limit), so inference and evaluation see the pixels training sees; one-line errors.
+
+    Raises:
+        FileNotFoundError: A path that does not exist.
+        ValueError: Not an image, above ``max_pixels``, or a mode that cannot become RGB.
+    """
+    if isinstance(image, str | Path) and not Path(image).is_file():
+        raise FileNotFoundError(f"{what}: image file not found: {image}")
     try:
-        with Image.open(path) as im:
-            return im.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{what}: cannot read image {path}: {e}") from None
+        return open_image(image, max_pixels=max_pixels)
+    except SkipSample as exn:
+        raise _image_error(exn, what, image) from None
+
+
+def image_size(image: ImageLike, what: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of the image ``load_image`` returns (EXIF rotation included), without decoding pixels."""
+    if isinstance(image, str | Path) and not Path(image).is_file():
+        raise FileNotFoundError(f"{what}: image file not found: {image}")
+    try:
+        return _image_size(image, max_pixels=max_pixels)
+    except SkipSample as exn:
+        raise _image_error(exn, what, image) from None
 
 
 class InputBuilder:
@@ -94,12 +98,14 @@ class InputBuilder:
         use_chat_template: wrap the templated text in the tokenizer's chat template (as InternVL3 is prompted).
         max_text_tokens: the item's free text is cut to this many tokens (image tokens are never cut).
         pooled_token: ``"eos"`` or ``"prompt_end"``, see above.
+        max_pixels: per-image pixel limit, the same as the shard reader's by default.
     """
 
     POOLED_TOKENS = ("eos", "prompt_end")
 
     def __init__(self, processor, tile_policy: TilePolicy | None = None, use_chat_template: bool = True,
-                 max_text_tokens: int = 256, pooled_token: str = "eos") -> None:
+                 max_text_tokens: int = 256, pooled_token: str = "eos",
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.tile_policy = tile_policy or TilePolicy()
@@ -111,6 +117,7 @@ class InputBuilder:
             raise ValueError("pooled_token='eos' but the tokenizer has no eos_token; set one (InternVL3: <|im_end|>) "
                              "or use pooled_token='prompt_end'")
         self.pooled_token = pooled_token
+        self.max_pixels = max_pixels
 
     @property
     def image_token(self) -> str:
@@ -151,7 +158,7 @@ class InputBuilder:
         if item.image is None:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             return {"input_ids": ids, "pixel_values": None, "num_tiles": 0}
-        image = load_image(item.image, what=f"item {index}")
+        image = load_image(item.image, what=f"item {index}", max_pixels=self.max_pixels)
         out = self.processor(text=[text], images=[image], return_tensors="pt", **self._image_kwargs(item.kind))
         pv = out["pixel_values"]
         return {"input_ids": out["input_ids"][0].tolist(), "pixel_values": pv, "num_tiles": int(pv.shape[0])}
@@ -174,7 +181,7 @@ class InputBuilder:
         """Tiles an item's image will be cut into (0 without image), under this builder's tile policy."""
         if item.image is None:
             return 0
-        w, h = image_size(item.image)
+        w, h = image_size(item.image, max_pixels=self.max_pixels)
         return self.processor.image_processor.get_number_of_image_patches(h, w, self._image_kwargs(item.kind))
 
     def num_visual_tokens(self, item: Item) -> int:

@@ -20,6 +20,8 @@ from mmembed.backbone.vtc import PLACEMENTS, apply_vtc, tokens_per_tile
 DEFAULT_VTC_FACTOR = 2
 DEFAULT_PLACEMENT = "pre_shuffle"
 MMEMBED_CONFIG = "mmembed.json"
+#: The weight files a checkpoint folder must hold (single file, or the index of a sharded checkpoint).
+SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 
 def _is_folder(name_or_path: str | Path) -> bool:
@@ -31,8 +33,12 @@ def _check_folder(path: Path) -> None:
         raise FileNotFoundError(f"{path}: no such checkpoint folder (and not a preset: {sorted(PRESETS)})")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint folder (no config.json); point at an InternVL3-*-hf folder")
-    if not any(path.glob("*.safetensors")):
-        raise FileNotFoundError(f"{path}: no *.safetensors weights in this folder; this kit loads safetensors only")
+    # By name, as transformers looks them up: any other *.safetensors file would not be what gets loaded, and
+    # from_pretrained would then fall back to a pickle (pytorch_model.bin) that can run code when unpickled.
+    if not any((path / name).is_file() for name in SAFETENSORS_WEIGHTS):
+        found = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))[:4]
+        raise FileNotFoundError(f"{path}: no {' or '.join(SAFETENSORS_WEIGHTS)} in this folder (found "
+                                f"{found or 'none'}); this kit loads safetensors weights only (save_pretrained)")
 
 
 def saved_settings(name_or_path) -> dict:
@@ -126,7 +132,7 @@ def _load_model(name_or_path, config: InternVLConfig, quantize_4bit: bool, dtype
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype or torch.float32,
             llm_int8_skip_modules=QLORA_SKIP_MODULES)
     model, info = InternVLForConditionalGeneration.from_pretrained(
-        name_or_path, config=config, dtype=dtype or "auto", output_loading_info=True, **kwargs)
+        name_or_path, config=config, dtype=dtype or "auto", output_loading_info=True, use_safetensors=True, **kwargs)
     bad = {k: sorted(v)[:5] for k, v in info.items() if k != "error_msgs" and v}
     if bad or info.get("error_msgs"):
         raise RuntimeError(f"{name_or_path}: checkpoint does not match the InternVL architecture: {bad} "

@@ -154,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for report in _convert(args):
                 console.print(str(report))
         elif args.command == "count":
-            from mmembed.data.shards import count_shards, expand_urls
+            from mmembed.data.inspection import count_shards
+            from mmembed.data.reading import expand_urls
 
             counts = count_shards(expand_urls(args.shards))
             if args.json:
@@ -162,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 _print_counts(counts, console)
         elif args.command == "inspect":
-            from mmembed.data.shards import expand_urls, inspect_shards
+            from mmembed.data.inspection import inspect_shards
+            from mmembed.data.reading import expand_urls
 
             inspect_shards(expand_urls(args.shards), n=args.n, console=console)
     except (ValueError, FileNotFoundError, FileExistsError) as exn:

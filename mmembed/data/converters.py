@@ -29,7 +29,8 @@ from PIL import Image
 
 from mmembed.data.evalsets import find_beir_part, hub_splits, image_cell, read_parquet, split_legacy_text
 from mmembed.data.schema import META_TASKS, TASKS, Sample, Side
-from mmembed.data.shards import SkipCounter, SkipSample, write_shards
+from mmembed.data.skips import SkipCounter, SkipSample
+from mmembed.data.writing import write_shards
 
 #: MMEB-train subsets: name -> (task, meta_task). Names as in the TIGER-Lab/MMEB-train repository.
 MMEB_TRAIN_SUBSETS: dict[str, tuple[str, str]] = {

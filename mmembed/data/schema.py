@@ -26,11 +26,56 @@ its positives from ``{positive} + extra_positives`` (the paper's augmented posit
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from mmembed.types import text_problem
 
 TASKS = ("t2i", "i2t", "it2i", "it2t", "t2it", "it2it", "i2i", "t2t", "t2vd", "vd2t", "i2it")
 META_TASKS = ("classification", "vqa", "retrieval", "grounding", "visdoc")
+KINDS = ("natural", "document")
+
+#: Image member names a side may give (the part of a tar member name after ``K.``).
+IMAGE_MEMBER = re.compile(r"^(query|pos|neg\d+|xpos\d+)\.[a-z0-9]+$", re.IGNORECASE)
+
+
+class SchemaError(ValueError):
+    """A sample that does not fit the schema. ``reason`` is the skip reason a reader counts it under:
+    ``bad_json`` (missing field, wrong type), ``bad_text`` (text that is not valid Unicode or holds an image token)
+    or ``unsafe_member`` (an image member name with a path in it)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _check_str(value: Any, what: str, *, optional: bool = True, prompt: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        raise SchemaError("bad_json", f"{what} must be a string{' or null' if optional else ''}, "
+                                      f"got {type(value).__name__}")
+    if prompt:
+        problem = text_problem(value)
+    else:  # ids and names only need to be valid Unicode; an image token in them is harmless
+        try:
+            value.encode("utf-8")
+            problem = None
+        except UnicodeEncodeError as exn:
+            problem = f"not valid Unicode text ({exn.reason})"
+    if problem:
+        raise SchemaError("bad_text", f"{what} {problem}")
+
+
+def check_image_member(name: Any, what: str = "image") -> None:
+    """Raise :class:`SchemaError` unless ``name`` is an image member name of the layout (``query.png``, ...)."""
+    _check_str(name, what, optional=False)
+    if "/" in name or "\\" in name or ".." in name or name.startswith("~"):
+        raise SchemaError("unsafe_member", f"{what} {name[:80]!r} is a path; name a member like 'pos.png'")
+    if not IMAGE_MEMBER.match(name):
+        raise SchemaError("bad_json", f"{what} {name[:80]!r} must look like 'query.png', 'pos.jpg', 'neg0.png'")
 
 
 @dataclass
@@ -42,6 +87,15 @@ class Side:
     instruction: str | None = None
     kind: str = "natural"
     id: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_str(self.text, "side text", prompt=True)
+        _check_str(self.instruction, "side instruction", prompt=True)
+        _check_str(self.id, "side id")
+        if self.image is not None:
+            check_image_member(self.image, "side image")
+        if self.kind not in KINDS:
+            raise SchemaError("bad_json", f"side kind {self.kind!r} is not one of {KINDS}")
 
     @property
     def is_empty(self) -> bool:
@@ -63,10 +117,24 @@ class Sample:
     extra_positives: list[Side] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        for name in ("id", "dataset", "task", "meta_task"):
+            _check_str(getattr(self, name), f"sample {name}", optional=False)
+        if not self.id:
+            raise SchemaError("bad_json", "sample id must not be empty")
+        if not isinstance(self.meta, dict):
+            raise SchemaError("bad_json", f"sample meta must be an object, got {type(self.meta).__name__}")
+        for name in ("query", "positive"):
+            if not isinstance(getattr(self, name), Side):
+                raise SchemaError("bad_json", f"sample {name} must be a Side")
+        for name in ("negatives", "extra_positives"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not all(isinstance(v, Side) for v in value):
+                raise SchemaError("bad_json", f"sample {name} must be a list of Sides")
         if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r} for sample {self.id!r}; use one of {TASKS}")
+            raise SchemaError("bad_json", f"unknown task {self.task!r} for sample {self.id!r}; use one of {TASKS}")
         if self.meta_task not in META_TASKS:
-            raise ValueError(f"unknown meta_task {self.meta_task!r} for sample {self.id!r}; use one of {META_TASKS}")
+            raise SchemaError("bad_json", f"unknown meta_task {self.meta_task!r} for sample {self.id!r}; "
+                                          f"use one of {META_TASKS}")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -75,20 +143,52 @@ class Sample:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Sample:
+    def from_json(cls, d: Any) -> Sample:
+        """Build a Sample from parsed JSON, checking every field's type (the one schema check of the kit).
+
+        Raises:
+            SchemaError: With the reason (``bad_json``, ``bad_text``, ``unsafe_member``) and what is wrong.
+        """
+        if not isinstance(d, dict):
+            raise SchemaError("bad_json", f"a sample must be a JSON object, got {type(d).__name__}")
+        missing = [k for k in ("id", "dataset", "task", "meta_task", "query", "positive") if k not in d]
+        if missing:
+            raise SchemaError("bad_json", f"sample misses field(s) {missing}")
+        try:  # a lone surrogate anywhere (meta included) would fail later when the sample is written or tokenised
+            json.dumps(d, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exn:
+            raise SchemaError("bad_text", f"sample holds text that is not valid Unicode ({exn.reason})") from None
         return cls(
             id=d["id"],
             dataset=d["dataset"],
             task=d["task"],
             meta_task=d["meta_task"],
-            query=Side(**d["query"]),
-            positive=Side(**d["positive"]),
-            negatives=[Side(**n) for n in d.get("negatives", [])],
+            query=_side(d["query"], "query"),
+            positive=_side(d["positive"], "positive"),
+            negatives=_sides(d.get("negatives", []), "negatives"),
             meta=d.get("meta", {}),
-            extra_positives=[Side(**n) for n in d.get("extra_positives", [])],
+            extra_positives=_sides(d.get("extra_positives", []), "extra_positives"),
         )
 
     @property
     def sides(self) -> list[Side]:
         """Every side: query, positive, negatives, extra positives (the order images are checked in)."""
         return [self.query, self.positive, *self.negatives, *self.extra_positives]
+
+
+_SIDE_FIELDS = frozenset(f.name for f in fields(Side))
+
+
+def _side(d: Any, what: str) -> Side:
+    if not isinstance(d, dict):
+        raise SchemaError("bad_json", f"{what} must be an object, got {type(d).__name__}")
+    unknown = sorted(set(d) - _SIDE_FIELDS)
+    if unknown:
+        raise SchemaError("bad_json", f"{what} has unknown field(s) {unknown[:5]}; a side has {sorted(_SIDE_FIELDS)}")
+    return Side(**d)
+
+
+def _sides(d: Any, what: str) -> list[Side]:
+    if not isinstance(d, list):
+        raise SchemaError("bad_json", f"{what} must be a list, got {type(d).__name__}")
+    return [_side(x, f"{what}[{i}]") for i, x in enumerate(d)]

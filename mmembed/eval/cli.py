@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mmembed.cli_args import add_model_arguments, embedder_from_args
+from mmembed.errors import run_cli
 from mmembed.eval.benchmarks import VISDOC_GROUP_TITLES
 from mmembed.eval.runner import BenchmarkResult
 
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--batch-size", type=int, default=16)
     common.add_argument("--max-queries", type=int, default=None, help="only the first N queries of every set")
     common.add_argument("--run-depth", type=int, default=100, help="candidates per query in the run files")
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     mmeb = sub.add_parser("mmeb", parents=[common], help="MMEB: Precision@1 over each query's own candidates")
     mmeb.add_argument("--image-root", type=Path, default=None, help="folder the parquet image paths are relative to")
     mmeb.add_argument("--version", choices=("v2", "v1"), default="v2", help="MMEB parquet columns")
@@ -77,6 +79,13 @@ def result_table(result: BenchmarkResult) -> Table:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_cli(lambda: _evaluate(args), prog="mmembed-eval", debug=args.debug)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    if not args.data.exists():  # before the model loads: a wrong path should not cost the load
+        raise FileNotFoundError(f"--data {args.data} does not exist; point at a benchmark folder "
+                                "(e.g. the synthetic world from `mmembed-data synth --out data/synth`)")
     console = Console()
     embedder = embedder_from_args(args)  # heavy imports (torch, transformers) only now the arguments are valid
     extra = {"model": str(args.model), "data": str(args.data)}

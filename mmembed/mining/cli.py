@@ -42,12 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
     parser.add_argument("--corpus-index", default=None,
                         help="saved index of these shards' positives (mmembed-index build): reuse its vectors")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from mmembed.errors import run_cli
+
+    return run_cli(lambda: _mine(args), prog="python -m mmembed.mining.cli", debug=args.debug)
+
+
+def _mine(args: argparse.Namespace) -> int:
+    from mmembed.data.reading import expand_urls
+
+    expand_urls(args.shards)  # before the model loads: names a spec that matches nothing
     # Heavy imports (torch, transformers) only once the arguments are known to be valid.
     import torch
 

@@ -54,8 +54,11 @@ import torch
 from PIL import Image
 from rich.progress import track
 
+from mmembed.data.decode import DecodedSample, side_to_item
+from mmembed.data.reading import expand_urls, iter_decoded
 from mmembed.data.schema import Sample, Side
-from mmembed.data.shards import DecodedSample, SkipCounter, expand_urls, iter_decoded, side_to_item, write_shards
+from mmembed.data.skips import SkipCounter
+from mmembed.data.writing import write_shards
 from mmembed.mining.sampling import filter_ranked, rule_based_negatives, sample_window_negatives
 from mmembed.mining.search import topk_search
 from mmembed.types import Item
@@ -487,7 +490,7 @@ def mine_hard_negatives(
     Args:
         embedder: An :class:`~mmembed.embedder.Embedder` (anything with ``encode(items, role, batch_size,
             show_progress)`` returning L2-normalised rows).
-        shards: Input shards: a directory, glob, brace pattern or list (see :func:`~mmembed.data.shards.expand_urls`).
+        shards: Input shards: a directory, glob, brace pattern or list (see :func:`~mmembed.data.reading.expand_urls`).
         out_dir: Output folder (``shards/``, ``manifest.jsonl``, ``summary.json``; ``tmp/`` while ranks merge).
             Earlier output shards of the same datasets are replaced.
         strategy: ``"window"`` (paper Stage 2: ``n`` uniform picks from filtered ranks ``[start, end)``) or

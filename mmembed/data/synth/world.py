@@ -33,11 +33,11 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from mmembed.data.schema import Sample, Side
-from mmembed.data.shards import encode_image, write_shards
 from mmembed.data.synth import documents as docs
 from mmembed.data.synth.instruct import make_instruct
 from mmembed.data.synth.tasks import BY_NAME, DATASETS, Cand, Example, SynthDataset, _companies
 from mmembed.data.synth.xmodal import write_xmodal
+from mmembed.data.writing import encode_image, write_shards
 
 FORMAT = "mmembed-synth/1"
 IMAGE_TOKEN = "<|image_1|>"  # MMEB's legacy placeholder; the real parquet files carry it in the instructions
