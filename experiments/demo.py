@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mmembed import Embedder, Item
+from mmembed.backbone.templates import instructions_for
 
 
 def scene(color: str, shape: str, size: int = 448) -> Image.Image:
@@ -41,11 +42,11 @@ def main() -> None:
     emb = Embedder.from_pretrained(args.preset, vtc_factor=args.vtc_factor)
     dt = time.perf_counter() - t0
     console.print(f"built '{args.preset}' (random init, vtc_factor={args.vtc_factor}) in {dt:.1f}s")
-    inst = "Find me an everyday image that matches the given query."
+    inst, img_inst = instructions_for("MSCOCO_t2i")  # the paper's Table 11 instructions
     queries = [Item(text=f"a {c} {s}", instruction=inst) for c, s in [("red", "circle"), ("blue", "square")]]
-    cands = [Item(image=scene(c, s), instruction="Represent the given image.")
+    cands = [Item(image=scene(c, s), instruction=img_inst)
              for c, s in [("red", "circle"), ("blue", "square"), ("green", "circle")]]
-    doc = Item(image=page(), kind="document", instruction="Represent the given visual documents.")
+    doc = Item(image=page(), kind="document", instruction=instructions_for("ColPali")[1])
     q = emb.encode(queries, role="query")
     c = emb.encode(cands + [doc], role="candidate")
     table = Table(title="cosine similarity (random weights: values are not meaningful yet)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -115,3 +117,14 @@ def test_real_folder_and_preset_give_the_same_prompt(tmp_path, images):
                        (Item(image=images[1], kind="document"), "candidate"), (Item(text="a cat"), "candidate")]:
         assert real.prompt(item, role) == preset.prompt(item, role)
         assert real([item], role)["input_ids"].tolist() == preset([item], role)["input_ids"].tolist()
+
+
+def test_a_template_without_the_image_placeholder_is_a_clear_error(images):
+    """An older -hf template rendering image parts as '<image>' would leave the processor nothing to expand."""
+    b = build_input_builder("tiny")
+    b.tokenizer = copy.deepcopy(b.tokenizer)  # the preset tokenizer is shared (cached): change a copy
+    b.tokenizer.chat_template = PUBLISHED_TEMPLATE.replace("<IMG_CONTEXT>\n", "<image>\n")
+    assert "<image>" in b.tokenizer.chat_template
+    with pytest.raises(ValueError, match="does not render an image part as '<IMG_CONTEXT>'"):
+        b.prompt(Item(text="x", image=images[0]), "query")
+    assert b.prompt(Item(text="x"), "query").endswith("<|im_end|>")  # text-only items are unaffected

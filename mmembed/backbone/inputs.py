@@ -138,6 +138,11 @@ class InputBuilder:
             content = template_parts(text, item.instruction, has_image, role)
             prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                         add_generation_prompt=True)
+            if has_image and self.image_token not in prompt:
+                raise ValueError(
+                    f"the tokenizer's chat template does not render an image part as {self.image_token!r}, which the "
+                    "processor expands; use the released InternVL3-*-hf template "
+                    "(mmembed.backbone.tokenizer.HF_CHAT_TEMPLATE) or use_chat_template=False")
         else:
             prompt = format_item_text(text, item.instruction, has_image, role, self.image_token)
         return prompt + (self.tokenizer.eos_token if self.pooled_token == "eos" else "")

@@ -90,8 +90,8 @@ SOURCES = {
     "convert": "transformers src/transformers/models/internvl/convert_internvl_weights_to_hf.py (image_token_id "
                "151667 for Qwen2 models, eos forced to 151645 for InternVL3, CONTEXT_LENGTH 8192, the tokenizer's "
                "added tokens, GotOcr2ImageProcessorFast 448x448 with ImageNet mean/std and default max_patches 12)",
-    "qwen": "Qwen2/Qwen2.5 tokenizer: <|endoftext|> 151643, <|im_start|> 151644, <|im_end|> 151645; vocab 151674 "
-            "after InternVL's 9 added tokens",
+    "qwen": "Qwen2/Qwen2.5 tokenizer and config: <|endoftext|> 151643 (= bos_token_id), <|im_start|> 151644, "
+            "<|im_end|> 151645; vocab 151674 after InternVL's 9 added tokens",
     "card": "OpenGVLab/InternVL3-*-hf config.json as recorded in /work/shared/STACK.md (2026-11-30): InternVL3-1B "
             "LM head untied, rope_scaling dynamic factor 2.0; text shapes per model",
 }

@@ -2,9 +2,11 @@
 
 No hub is reachable, and no package ships a Qwen vocabulary, so presets get a small byte-level BPE trained on a
 fixed built-in corpus with Qwen2's pre-tokenizer regex, wrapped in the stock ``Qwen2Tokenizer`` and carrying
-InternVL's special tokens and ChatML chat template. The processor is the stock ``InternVLProcessor`` minus the
-video processor (which needs torchvision, not installable here); a real checkpoint folder's tokenizer and image
-processor are loaded into the same class, so presets and real checkpoints share one code path.
+InternVL3's special tokens (at their released ids for real-size presets) and the released InternVL3-*-hf chat
+template, so a preset prompts exactly like a real checkpoint folder. The processor is the stock
+``InternVLProcessor`` minus the video processor (which needs torchvision, not installable here); a real checkpoint
+folder's tokenizer and image processor are loaded into the same class, so presets and real checkpoints share one
+code path.
 """
 
 from __future__ import annotations
