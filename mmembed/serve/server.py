@@ -188,6 +188,7 @@ class EmbeddingAPI(ls.LitAPI):
 
     def predict(self, x: EmbeddingJob | list[EmbeddingJob], **kwargs: Any) -> Any:
         jobs = x if isinstance(x, list) else [x]
+        log.debug("predict: %d requests, %d inputs", len(jobs), sum(len(j.items) for j in jobs))
         outputs = self.encode_jobs(jobs)
         return outputs if isinstance(x, list) else outputs[0]
 
