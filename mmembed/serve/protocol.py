@@ -114,7 +114,8 @@ def _text(value: Any, param: str, limits: Limits) -> str | None:
 
 def decode_image(value: Any, param: str, limits: Limits) -> Image.Image:
     """A base64 string or ``data:image/...;base64,`` URL -> RGB image, within the pixel limit."""
-    from mmembed.data.shards import SkipSample, open_image
+    from mmembed.data.images import open_image
+    from mmembed.data.skips import SkipSample
 
     if not isinstance(value, str):
         raise RequestError(400, f"{param} must be a base64 string or a data URL", param=param, code="bad_image")
