@@ -298,3 +298,12 @@ def test_fuzzed_samples_never_crash_the_reader_or_the_collate(raw, builder):
     for role, item in (("query", query), ("candidate", positive)):
         builder.encode_one(item, role)  # type: ignore[arg-type]
     event("decoded and encoded")
+
+
+def test_the_server_answers_item_validation_errors_with_400():
+    from mmembed.serve.protocol import Limits, RequestError, parse_item
+
+    for value in ("x <IMG_CONTEXT> y", {"text": "a\ud800b"}, {"instruction": "</img>", "text": "q"}):
+        with pytest.raises(RequestError) as info:
+            parse_item(value, "input[0]", Limits())
+        assert info.value.status == 400 and info.value.code == "bad_text"

@@ -140,6 +140,16 @@ def decode_image(value: Any, param: str, limits: Limits) -> Image.Image:
 
 def parse_item(value: Any, param: str, limits: Limits, instruction: str | None = None) -> Item:
     """One input: a string (text) or an object with ``text``, ``image``, ``instruction``, ``kind``."""
+    try:
+        item = _item(value, param, limits, instruction)
+    except ValueError as err:  # Item's own checks: invalid Unicode, an image token inside a text
+        raise RequestError(400, f"{param}: {err}", param=param, code="bad_text") from None
+    if item.is_empty:
+        raise RequestError(400, f"{param} is empty: give it text or an image", param=param, code="empty_input")
+    return item
+
+
+def _item(value: Any, param: str, limits: Limits, instruction: str | None) -> Item:
     if isinstance(value, str):
         item = Item(text=_text(value, param, limits), instruction=instruction)
     elif isinstance(value, Mapping):
@@ -155,8 +165,6 @@ def parse_item(value: Any, param: str, limits: Limits, instruction: str | None =
     else:
         raise RequestError(400, f"{param} must be a string or an object with text/image/instruction/kind; token-id "
                                 "inputs are not supported", param=param)
-    if item.is_empty:
-        raise RequestError(400, f"{param} is empty: give it text or an image", param=param, code="empty_input")
     return item
 
 
