@@ -307,3 +307,17 @@ def test_the_server_answers_item_validation_errors_with_400():
         with pytest.raises(RequestError) as info:
             parse_item(value, "input[0]", Limits())
         assert info.value.status == 400 and info.value.code == "bad_text"
+
+
+def test_converters_count_schema_errors_instead_of_stopping(tmp_path):
+    from mmembed.data.converters import jsonl_to_shards
+
+    (tmp_path / "i.png").write_bytes(png_bytes())
+    lines = [{"query": "a red circle", "positive": {"image": "i.png"}},
+             {"query": "a <IMG_CONTEXT> circle", "positive": {"image": "i.png"}},
+             {"query": {"text": 123}, "positive": {"image": "i.png"}}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    (report,) = jsonl_to_shards(path, tmp_path, tmp_path / "out", dataset="toy", meta_task="retrieval",
+                                query_instruction="Find it.", target_instruction="Represent it.")
+    assert report.written == 1 and report.skipped == {"bad_json": 1, "bad_text": 1}
