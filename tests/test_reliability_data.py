@@ -321,3 +321,16 @@ def test_converters_count_schema_errors_instead_of_stopping(tmp_path):
     (report,) = jsonl_to_shards(path, tmp_path, tmp_path / "out", dataset="toy", meta_task="retrieval",
                                 query_instruction="Find it.", target_instruction="Represent it.")
     assert report.written == 1 and report.skipped == {"bad_json": 1, "bad_text": 1}
+
+
+def test_instruction_conversations_refuse_image_tokens_and_invalid_text(tmp_path, builder):
+    from datamodules.instruction import ConversationEncoder
+
+    enc = ConversationEncoder(builder.processor, tmp_path)
+    for value in ("what is <IMG_CONTEXT> here", "bad \ud800 text"):
+        record = {"conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": "ok"}]}
+        with pytest.raises(SkipSample) as info:
+            enc.messages(record, 0)
+        assert info.value.reason == "bad_text"
+    good = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok"}]}
+    assert [m["role"] for m in enc.messages(good, 0)] == ["user", "assistant"]
