@@ -1,5 +1,27 @@
-"""Lightning callbacks of the kit: evaluation on MMEB / VisDoc-format data during training."""
+"""Lightning callbacks of the kit: evaluation on MMEB / VisDoc-format data during training.
 
-from callbacks.eval import BenchmarkEvalCallback, MMEBEvalCallback, VisDocEvalCallback
+Names are imported lazily (PEP 562): Hydra imports ``callbacks.sweep`` for every run before the config is checked,
+and importing Lightning through ``callbacks.eval`` there would delay a one-line config error by seconds.
+"""
 
-__all__ = ["BenchmarkEvalCallback", "MMEBEvalCallback", "VisDocEvalCallback"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {"BenchmarkEvalCallback": "eval", "MMEBEvalCallback": "eval", "VisDocEvalCallback": "eval"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'callbacks' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"callbacks.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

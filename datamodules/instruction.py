@@ -25,6 +25,7 @@ from datamodules.common import add_counts, resolve_world
 from mmembed.backbone.inputs import InputBuilder, tiling_kwargs
 from mmembed.data.images import open_image
 from mmembed.data.skips import SkipCounter, SkipSample
+from mmembed.types import text_problem
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,9 @@ class ConversationEncoder:
         for turn in conv:
             if not isinstance(turn, Mapping) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
                 raise SkipSample("bad_json", f"bad turn {str(turn)[:80]!r}")
+            problem = text_problem(turn["value"])  # the same text rule as every other sample and Item
+            if problem:
+                raise SkipSample("bad_text", f"turn {problem}")
             messages.append({"role": ROLES[turn["from"]], "content": turn["value"]})
         if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
             raise SkipSample("bad_json", "no assistant reply")

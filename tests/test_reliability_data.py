@@ -298,3 +298,39 @@ def test_fuzzed_samples_never_crash_the_reader_or_the_collate(raw, builder):
     for role, item in (("query", query), ("candidate", positive)):
         builder.encode_one(item, role)  # type: ignore[arg-type]
     event("decoded and encoded")
+
+
+def test_the_server_answers_item_validation_errors_with_400():
+    from mmembed.serve.protocol import Limits, RequestError, parse_item
+
+    for value in ("x <IMG_CONTEXT> y", {"text": "a\ud800b"}, {"instruction": "</img>", "text": "q"}):
+        with pytest.raises(RequestError) as info:
+            parse_item(value, "input[0]", Limits())
+        assert info.value.status == 400 and info.value.code == "bad_text"
+
+
+def test_converters_count_schema_errors_instead_of_stopping(tmp_path):
+    from mmembed.data.converters import jsonl_to_shards
+
+    (tmp_path / "i.png").write_bytes(png_bytes())
+    lines = [{"query": "a red circle", "positive": {"image": "i.png"}},
+             {"query": "a <IMG_CONTEXT> circle", "positive": {"image": "i.png"}},
+             {"query": {"text": 123}, "positive": {"image": "i.png"}}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    (report,) = jsonl_to_shards(path, tmp_path, tmp_path / "out", dataset="toy", meta_task="retrieval",
+                                query_instruction="Find it.", target_instruction="Represent it.")
+    assert report.written == 1 and report.skipped == {"bad_json": 1, "bad_text": 1}
+
+
+def test_instruction_conversations_refuse_image_tokens_and_invalid_text(tmp_path, builder):
+    from datamodules.instruction import ConversationEncoder
+
+    enc = ConversationEncoder(builder.processor, tmp_path)
+    for value in ("what is <IMG_CONTEXT> here", "bad \ud800 text"):
+        record = {"conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": "ok"}]}
+        with pytest.raises(SkipSample) as info:
+            enc.messages(record, 0)
+        assert info.value.reason == "bad_text"
+    good = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok"}]}
+    assert [m["role"] for m in enc.messages(good, 0)] == ["user", "assistant"]

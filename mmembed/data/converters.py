@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from mmembed.data.evalsets import find_beir_part, hub_splits, image_cell, read_parquet, split_legacy_text
-from mmembed.data.schema import META_TASKS, TASKS, Sample, Side
+from mmembed.data.schema import META_TASKS, TASKS, Sample, SchemaError, Side
 from mmembed.data.skips import SkipCounter, SkipSample
 from mmembed.data.writing import write_shards
 
@@ -139,14 +139,20 @@ class _Builder:
         if image is not None:
             member = f"{role}.{image[1]}"
             self.images[member] = image[0]
-        side = Side(text=text or None, image=member, instruction=instruction, kind=kind, id=side_id)
+        try:
+            side = Side(text=text or None, image=member, instruction=instruction, kind=kind, id=side_id)
+        except SchemaError as exn:  # counted under the reason the shard reader would give it
+            raise SkipSample(exn.reason, f"{self.id}: {role}: {exn}") from None
         if side.is_empty:
             raise SkipSample("empty_side", f"{self.id}: {role} has neither text nor image")
         return side
 
     def build(self, query: Side, positive: Side, negatives: list[Side], meta: dict[str, Any]) -> tuple[Sample, dict]:
-        sample = Sample(id=self.id, dataset=self.dataset, task=self.task, meta_task=self.meta_task, query=query,
-                        positive=positive, negatives=negatives, meta=meta)
+        try:
+            sample = Sample(id=self.id, dataset=self.dataset, task=self.task, meta_task=self.meta_task, query=query,
+                            positive=positive, negatives=negatives, meta=meta)
+        except SchemaError as exn:
+            raise SkipSample(exn.reason, f"{self.id}: {exn}") from None
         return sample, self.images
 
 

@@ -39,7 +39,9 @@ def corpus_from_shards(spec: str | os.PathLike) -> Corpus:
 
     A positive's id is its ``Side.id``, else ``{dataset}/sha1:{content hash}``; repeats are kept once.
     """
-    from mmembed.data.shards import SkipCounter, expand_urls, iter_decoded, side_to_item
+    from mmembed.data.decode import side_to_item
+    from mmembed.data.reading import expand_urls, iter_decoded
+    from mmembed.data.skips import SkipCounter
     from mmembed.mining.mine import corpus_id
 
     counter = SkipCounter("index")
@@ -86,7 +88,7 @@ def corpus_from_parquet(path: str | os.PathLike, image_root: str | os.PathLike |
     if not cols & {"text", "image"}:
         raise ValueError(f"{path}: a corpus parquet needs a 'text' and/or 'image' column (or MMEB's tgt_text); "
                          f"it has {sorted(cols)}")
-    from mmembed.data.shards import open_image
+    from mmembed.data.images import open_image
 
     ids, items, meta = [], [], []
     for i, rec in enumerate(table.to_pylist()):

@@ -43,8 +43,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from mmembed.data.decode import side_to_item
+from mmembed.data.reading import expand_urls
 from mmembed.data.schema import Sample, Side
-from mmembed.data.shards import SkipCounter, expand_urls, side_to_item, write_shards
+from mmembed.data.skips import SkipCounter
+from mmembed.data.writing import write_shards
 from mmembed.judge.judge import Judge, JudgePair
 from mmembed.judge.templates import BINARY_LABEL_DATASETS, is_binary_label, judgment_instruction
 from mmembed.mining.mine import (

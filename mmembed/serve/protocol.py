@@ -114,7 +114,8 @@ def _text(value: Any, param: str, limits: Limits) -> str | None:
 
 def decode_image(value: Any, param: str, limits: Limits) -> Image.Image:
     """A base64 string or ``data:image/...;base64,`` URL -> RGB image, within the pixel limit."""
-    from mmembed.data.shards import SkipSample, open_image
+    from mmembed.data.images import open_image
+    from mmembed.data.skips import SkipSample
 
     if not isinstance(value, str):
         raise RequestError(400, f"{param} must be a base64 string or a data URL", param=param, code="bad_image")
@@ -139,6 +140,16 @@ def decode_image(value: Any, param: str, limits: Limits) -> Image.Image:
 
 def parse_item(value: Any, param: str, limits: Limits, instruction: str | None = None) -> Item:
     """One input: a string (text) or an object with ``text``, ``image``, ``instruction``, ``kind``."""
+    try:
+        item = _item(value, param, limits, instruction)
+    except ValueError as err:  # Item's own checks: invalid Unicode, an image token inside a text
+        raise RequestError(400, f"{param}: {err}", param=param, code="bad_text") from None
+    if item.is_empty:
+        raise RequestError(400, f"{param} is empty: give it text or an image", param=param, code="empty_input")
+    return item
+
+
+def _item(value: Any, param: str, limits: Limits, instruction: str | None) -> Item:
     if isinstance(value, str):
         item = Item(text=_text(value, param, limits), instruction=instruction)
     elif isinstance(value, Mapping):
@@ -154,8 +165,6 @@ def parse_item(value: Any, param: str, limits: Limits, instruction: str | None =
     else:
         raise RequestError(400, f"{param} must be a string or an object with text/image/instruction/kind; token-id "
                                 "inputs are not supported", param=param)
-    if item.is_empty:
-        raise RequestError(400, f"{param} is empty: give it text or an image", param=param, code="empty_input")
     return item
 
 

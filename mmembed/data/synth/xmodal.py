@@ -16,9 +16,9 @@ import random
 from pathlib import Path
 from typing import Any
 
-from mmembed.data.shards import encode_image
 from mmembed.data.synth import scenes as sc
 from mmembed.data.synth.tasks import BY_NAME
+from mmembed.data.writing import encode_image
 
 PNG_LEVEL = 1
 
