@@ -672,8 +672,10 @@ def summarize_sweep(
     children of that point, e.g. seeds; the best point; the failed points) and ``summary.png`` (one panel per metric,
     the swept values as evenly spaced categories, error bars = std when a point has several runs) on the parent.
     On the parent's own metrics: ``best/<metric>`` for the best point (the first metric decides; highest wins, lowest
-    for losses), and, when the values are integers, each point's mean at ``step = swept value`` so MLflow's own chart
-    shows the curve too. Failed or killed children are listed, not averaged.
+    for losses), and, when the values are integers, ``sweep/<metric>`` = each point's mean at ``step = swept value``
+    so MLflow's own chart shows the curve too (a separate key: the runs table shows a metric's latest step, which
+    here would be the largest swept value, not a result of the parent). Failed or killed children are listed,
+    not averaged.
 
     Args:
         parent_run_id: The sweep's parent run.
@@ -741,8 +743,9 @@ def summarize_sweep(
     if numeric and frame[swept_param].dtype.kind == "i":
         # Every job of a sweep may refresh the summary: log only the points the parent does not hold yet.
         for m in metrics:
-            have = {(h.step, h.value) for h in client.get_metric_history(parent_run_id, m)}
-            new_points += [Metric(m, float(v), now, int(x)) for x, v in zip(points[swept_param], points[m])
+            have = {(h.step, h.value) for h in client.get_metric_history(parent_run_id, f"sweep/{m}")}
+            new_points += [Metric(f"sweep/{m}", float(v), now, int(x))
+                           for x, v in zip(points[swept_param], points[m])
                            if not math.isnan(v) and (int(x), float(v)) not in have]
     if best is not None:
         row = points[points[swept_param] == best[0]].iloc[0]

@@ -122,13 +122,13 @@ def test_sweep_parent_children_and_summary(tmp_path):
     assert client.get_run(parent).data.metrics["best/val/mmeb/overall"] == 63.5
     assert client.get_run(parent).data.tags[tracking.SWEEP_BEST_TAG] == "data.num_negatives=16 (val/mmeb/overall 63.50)"
     # The parent also carries the curve as metric history, step = swept value.
-    history = client.get_metric_history(parent, "val/mmeb/overall")
+    history = client.get_metric_history(parent, "sweep/val/mmeb/overall")
     assert sorted((m.step, m.value) for m in history) == [(0, 55.0), (8, 61.0), (16, 63.5)]
     # reduce="max" reads the whole history (here the last values are also the maxima); summarizing again (every
     # job of a sweep does) adds no duplicate points to the parent's curve.
     assert list(tracking.summarize_sweep(parent, "data.num_negatives", ["val/mmeb/overall"], uri, reduce="max")[
         "val/mmeb/overall"]) == [55.0, 61.0, 63.5]
-    assert len(client.get_metric_history(parent, "val/mmeb/overall")) == 3
+    assert len(client.get_metric_history(parent, "sweep/val/mmeb/overall")) == 3
     # A job that has not logged its config yet is left out, with a warning.
     tracking.make_mlflow_logger("sweep-test", tracking_uri=uri, output_dir=store, run_name="late",
                                 parent_run_id=parent).log_metrics({"val/mmeb/overall": 1.0})
