@@ -19,26 +19,45 @@ from websockets.sync.client import connect
 
 PORT = 9333
 EXPAND = """
-(() => {
+(async () => {
+  const sleep = ms => new Promise(r => setTimeout(r, ms));
   const close = [...document.querySelectorAll('button')].find(b => b.getAttribute('aria-label') === 'Close');
   if (close) close.click();  // the assistant side panel
   const expand = [...document.querySelectorAll('button[data-component-id*=runnamecellrenderer]')];
   expand.forEach(b => b.click());  // the sweep parents' rows: show their children
-  return expand.length;
-})()
-"""
-RESIZE_HANDLE = """
-(() => {
-  const h = document.querySelector('.ag-header-cell[col-id^="attributes.`Run Name`"] .ag-header-cell-resize');
-  if (!h) return null;
-  const r = h.getBoundingClientRect();
-  return [r.x + r.width / 2, r.y + r.height / 2];
+  // Show the swept param and the main metrics as columns (Columns menu).
+  const menu = document.querySelector('[data-testid=column-selection-dropdown]');
+  const shown = [];
+  if (menu) {
+    menu.click();
+    await sleep(2500);
+    for (const want of COLUMNS) {
+      const hits = [...document.querySelectorAll('body *')].filter(
+        e => e.children.length === 0 && (e.textContent || '').trim() === want);
+      if (hits.length) { hits[hits.length - 1].click(); shown.push(want); await sleep(400); }
+    }
+    menu.click();
+    await sleep(1000);
+  }
+  // Fit the run-name column to the sweep's name (ag-grid: double-click on the resize handle).
+  const handle = document.querySelector('.ag-header-cell[col-id^="attributes.`Run Name`"] .ag-header-cell-resize');
+  if (handle) handle.dispatchEvent(new MouseEvent('dblclick', {bubbles: true}));
+  await sleep(1000);
+  // The chosen columns come last: scroll the unpinned part of the grid to its end (run names stay pinned left).
+  for (const v of document.querySelectorAll('.ag-center-cols-viewport, .ag-body-horizontal-scroll-viewport')) {
+    v.scrollLeft = v.scrollWidth;
+  }
+  const sidebar = [...document.querySelectorAll('button')].find(b => b.getAttribute('aria-label') === 'Toggle sidebar');
+  if (sidebar) sidebar.click();
+  return {expanded: expand.length, columns: shown};
 })()
 """
 
 
-def main(url: str, out: str, script: str = EXPAND, width: int = 1500, height: int = 640,
-         widen: int = 260) -> None:
+COLUMNS = ["backbone.finetune.lora_r", "val/mmeb/overall", "val/visdoc/overall", "best/val/mmeb/overall"]
+
+
+def main(url: str, out: str, script: str = EXPAND, width: int = 1600, height: int = 600) -> None:
     proc = subprocess.Popen(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                              f"--remote-debugging-port={PORT}", f"--window-size={width},{height}", "about:blank"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -63,18 +82,16 @@ def main(url: str, out: str, script: str = EXPAND, width: int = 1500, height: in
 
             cmd("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
             cmd("Page.navigate", url=url)
-            time.sleep(25)  # the single-page app loads and queries the runs
-            print("script:", cmd("Runtime.evaluate", expression=script, returnByValue=True))
+            for _ in range(180):  # the single-page app loads and queries the runs (slow on a loaded machine)
+                time.sleep(1)
+                found = cmd("Runtime.evaluate", expression="document.querySelectorAll('.ag-row').length",
+                            returnByValue=True)["result"].get("value")
+                if found:
+                    break
+            time.sleep(5)
+            script = script.replace("COLUMNS", json.dumps(COLUMNS))
+            print("script:", cmd("Runtime.evaluate", expression=script, returnByValue=True, awaitPromise=True))
             time.sleep(8)
-            handle = cmd("Runtime.evaluate", expression=RESIZE_HANDLE, returnByValue=True)["result"].get("value")
-            if handle:  # widen the run-name column so the sweep's name is readable: drag its resize handle
-                x, y = handle
-                cmd("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
-                cmd("Input.dispatchMouseEvent", type="mousePressed", x=x, y=y, button="left", buttons=1, clickCount=1)
-                for dx in range(20, widen + 1, 20):
-                    cmd("Input.dispatchMouseEvent", type="mouseMoved", x=x + dx, y=y, button="left", buttons=1)
-                cmd("Input.dispatchMouseEvent", type="mouseReleased", x=x + widen, y=y, button="left", clickCount=1)
-                time.sleep(3)
             shot = cmd("Page.captureScreenshot", format="png")
             with open(out, "wb") as f:
                 f.write(base64.b64decode(shot["data"]))
