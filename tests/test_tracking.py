@@ -154,12 +154,19 @@ def test_new_experiment_is_marked_as_model_training(tmp_path):
     assert client.get_experiment(bare).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
 
 
+# What every run does first on the store, without Lightning's import time: make_mlflow_logger goes through the same
+# ensure_store / get_or_create_experiment before its run is created.
 _CONCURRENT = """
 import sys
+from mlflow.tracking import MlflowClient
 from mmembed import tracking
-logger = tracking.make_mlflow_logger("race", tracking_uri=sys.argv[1], output_dir=sys.argv[2], run_name=sys.argv[3])
-logger.log_metrics({"x": 1.0}, step=0)
-logger.finalize("success")
+uri, name = sys.argv[1], sys.argv[3]
+tracking.ensure_store(uri)
+client = MlflowClient(uri)
+exp_id = tracking.get_or_create_experiment(client, "race", tracking.default_artifact_location(sys.argv[2], "race"))
+run = client.create_run(exp_id, run_name=name, tags=tracking.process_tags())
+client.log_metric(run.info.run_id, "x", 1.0)
+client.set_terminated(run.info.run_id, "FINISHED")
 """
 
 
