@@ -60,6 +60,7 @@ PID_TAG = "mmembed.pid"
 PID_START_TAG = "mmembed.pid_start"  # the process start time (/proc), so a reused pid is not taken for the run's
 END_REASON_TAG = "mmembed.end_reason"
 RESUMED_TAG = "mmembed.resumed"
+RESUME_CHANGED_TAG = "mmembed.resumed.changed_params"
 SWEEP_KEYS_TAG = "mmembed.sweep.keys"
 SWEEP_JOBS_TAG = "mmembed.sweep.jobs"
 SWEEP_PARAM_TAG = "mmembed.sweep.param"
@@ -375,12 +376,20 @@ def log_config(
 
     client, run_id = logger.experiment, logger.run_id
     params = config_params(cfg)
-    items = [Param(k, v) for k, v in params.items()]
+    # A resumed run already holds its params, and MLflow refuses to change one (e.g. ckpt_path): log the new keys
+    # only; the changed ones are listed in a tag and the resumed config goes to its own YAML.
+    logged = client.get_run(run_id).data.params
+    changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
+    items = [Param(k, v) for k, v in params.items() if k not in logged]
     for start in range(0, len(items), 100):  # MLflow's per-batch limit
         client.log_batch(run_id, params=items[start : start + 100])
     if experiment is None:
         experiment = client.get_experiment(logger.experiment_id).name
     run_tags = {EXPERIMENT_TAG: experiment, **(tags or {})}
+    if logged:
+        artifact_file = f"resumed_{artifact_file}"
+        if changed:
+            run_tags[RESUME_CHANGED_TAG] = "; ".join(f"{k}={v}" for k, v in changed.items())[:5000]
     commit = git_commit()
     if commit:
         run_tags[GIT_COMMIT_TAG] = commit
