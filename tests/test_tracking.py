@@ -212,8 +212,15 @@ def test_stale_running_run_is_marked_killed_and_a_resume_reopens_it(tmp_path):
     assert client.get_run(alive).info.status == "RUNNING" and client.get_run(other_host).info.status == "RUNNING"
     assert client.get_run(logger.run_id).data.tags[tracking.PID_TAG] == str(os.getpid())
     # Resuming the killed run continues it: RUNNING again, this process, counted as resumed; metrics go to it.
+    client.log_param(dead, "ckpt_path", "None")  # what the killed run's log_config recorded
     resumed = tracking.make_mlflow_logger("stale-test", tracking_uri=uri, output_dir=store, run_id=dead)
     resumed.log_metrics({"train/loss": 0.5}, step=7)
+    # Its config now names the checkpoint: MLflow refuses to change a param, so the change goes to a tag.
+    tracking.log_config(resumed, {"ckpt_path": "last.ckpt", "seed": 0})
+    run = client.get_run(dead)
+    assert run.data.params == {"ckpt_path": "None", "seed": "0"}
+    assert run.data.tags[tracking.RESUME_CHANGED_TAG] == "ckpt_path=last.ckpt"
+    assert "resumed_config.yaml" in {a.path for a in client.list_artifacts(dead)}
     run = client.get_run(dead)
     assert run.info.status == "RUNNING" and run.data.tags[tracking.RESUMED_TAG] == "1"
     assert run.data.tags[tracking.PID_TAG] == str(os.getpid()) and run.data.metrics["train/loss"] == 0.5
