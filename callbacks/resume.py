@@ -16,6 +16,7 @@ same MLflow run when it resumes from the checkpoint (:func:`saved_mlflow_run_id`
 from __future__ import annotations
 
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,11 @@ def saved_mlflow_run_id(ckpt_path: str | Path) -> str | None:
 
     Reads the checkpoint with torch's safe loader, memory-mapped, so a large checkpoint is not read twice.
     """
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 -- Lightning loads (and judges) the checkpoint itself right after
+        warnings.warn(f"could not read the MLflow run id from {ckpt_path} ({type(e).__name__}); a new run is opened",
+                      stacklevel=2)
+        return None
     ids = (state.get("callbacks", {}).get(STATE_KEY) or {}).get("mlflow_run_ids") or []
     return ids[0] if ids else None

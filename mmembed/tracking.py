@@ -60,6 +60,7 @@ PID_TAG = "mmembed.pid"
 PID_START_TAG = "mmembed.pid_start"  # the process start time (/proc), so a reused pid is not taken for the run's
 END_REASON_TAG = "mmembed.end_reason"
 RESUMED_TAG = "mmembed.resumed"
+RESUME_CHANGED_TAG = "mmembed.resumed.changed_params"
 SWEEP_KEYS_TAG = "mmembed.sweep.keys"
 SWEEP_JOBS_TAG = "mmembed.sweep.jobs"
 SWEEP_PARAM_TAG = "mmembed.sweep.param"
@@ -400,12 +401,20 @@ def log_config(
 
     client, run_id = logger.experiment, logger.run_id
     params = config_params(cfg)
-    items = [Param(k, v) for k, v in params.items()]
+    # A resumed run already holds its params, and MLflow refuses to change one (e.g. ckpt_path): log the new keys
+    # only; the changed ones are listed in a tag and the resumed config goes to its own YAML.
+    logged = client.get_run(run_id).data.params
+    changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
+    items = [Param(k, v) for k, v in params.items() if k not in logged]
     for start in range(0, len(items), 100):  # MLflow's per-batch limit
         client.log_batch(run_id, params=items[start : start + 100])
     if experiment is None:
         experiment = client.get_experiment(logger.experiment_id).name
     run_tags = {EXPERIMENT_TAG: experiment, **(tags or {})}
+    if logged:
+        artifact_file = f"resumed_{artifact_file}"
+        if changed:
+            run_tags[RESUME_CHANGED_TAG] = "; ".join(f"{k}={v}" for k, v in changed.items())[:5000]
     commit = git_commit()
     if commit:
         run_tags[GIT_COMMIT_TAG] = commit
@@ -697,8 +706,10 @@ def summarize_sweep(
     children of that point, e.g. seeds; the best point; the failed points) and ``summary.png`` (one panel per metric,
     the swept values as evenly spaced categories, error bars = std when a point has several runs) on the parent.
     On the parent's own metrics: ``best/<metric>`` for the best point (the first metric decides; highest wins, lowest
-    for losses), and, when the values are integers, each point's mean at ``step = swept value`` so MLflow's own chart
-    shows the curve too. Failed or killed children are listed, not averaged.
+    for losses), and, when the values are integers, ``sweep/<metric>`` = each point's mean at ``step = swept value``
+    so MLflow's own chart shows the curve too (a separate key: the runs table shows a metric's latest step, which
+    here would be the largest swept value, not a result of the parent). Failed or killed children are listed,
+    not averaged.
 
     Args:
         parent_run_id: The sweep's parent run.
@@ -766,8 +777,9 @@ def summarize_sweep(
     if numeric and frame[swept_param].dtype.kind == "i":
         # Every job of a sweep may refresh the summary: log only the points the parent does not hold yet.
         for m in metrics:
-            have = {(h.step, h.value) for h in client.get_metric_history(parent_run_id, m)}
-            new_points += [Metric(m, float(v), now, int(x)) for x, v in zip(points[swept_param], points[m])
+            have = {(h.step, h.value) for h in client.get_metric_history(parent_run_id, f"sweep/{m}")}
+            new_points += [Metric(f"sweep/{m}", float(v), now, int(x))
+                           for x, v in zip(points[swept_param], points[m])
                            if not math.isnan(v) and (int(x), float(v)) not in have]
     if best is not None:
         row = points[points[swept_param] == best[0]].iloc[0]

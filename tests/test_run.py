@@ -158,7 +158,8 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run_and_continues_its_mlfl
     import torch
 
     tiny_eval = ["callbacks.mmeb.max_queries=2", "callbacks.visdoc.max_queries=2", "callbacks.mmeb.eval_at_start=false",
-                 "callbacks.visdoc.eval_at_start=false", "callbacks.mmeb.every_n_train_steps=2",
+                 "callbacks.visdoc.eval_at_start=false", "+callbacks.mmeb.every_n_train_steps=2",
+                 "+callbacks.checkpoint.every_n_train_steps=2",
                  "callbacks.mmeb.subsets=[synth_cls_color,synth_ret_t2i]", "backbone.finetune.lora_dropout=0.3"]
     base = ["+exp=stage2_warmup", *[a for a in SHORT if a not in ("callbacks=none", "trainer.max_steps=2")],
             *tiny_eval, "save_embedder=false", "trainer.max_steps=6"]

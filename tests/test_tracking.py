@@ -122,13 +122,13 @@ def test_sweep_parent_children_and_summary(tmp_path):
     assert client.get_run(parent).data.metrics["best/val/mmeb/overall"] == 63.5
     assert client.get_run(parent).data.tags[tracking.SWEEP_BEST_TAG] == "data.num_negatives=16 (val/mmeb/overall 63.50)"
     # The parent also carries the curve as metric history, step = swept value.
-    history = client.get_metric_history(parent, "val/mmeb/overall")
+    history = client.get_metric_history(parent, "sweep/val/mmeb/overall")
     assert sorted((m.step, m.value) for m in history) == [(0, 55.0), (8, 61.0), (16, 63.5)]
     # reduce="max" reads the whole history (here the last values are also the maxima); summarizing again (every
     # job of a sweep does) adds no duplicate points to the parent's curve.
     assert list(tracking.summarize_sweep(parent, "data.num_negatives", ["val/mmeb/overall"], uri, reduce="max")[
         "val/mmeb/overall"]) == [55.0, 61.0, 63.5]
-    assert len(client.get_metric_history(parent, "val/mmeb/overall")) == 3
+    assert len(client.get_metric_history(parent, "sweep/val/mmeb/overall")) == 3
     # A job that has not logged its config yet is left out, with a warning.
     tracking.make_mlflow_logger("sweep-test", tracking_uri=uri, output_dir=store, run_name="late",
                                 parent_run_id=parent).log_metrics({"val/mmeb/overall": 1.0})
@@ -154,12 +154,19 @@ def test_new_experiment_is_marked_as_model_training(tmp_path):
     assert client.get_experiment(bare).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
 
 
+# What every run does first on the store, without Lightning's import time: make_mlflow_logger goes through the same
+# ensure_store / get_or_create_experiment before its run is created.
 _CONCURRENT = """
 import sys
+from mlflow.tracking import MlflowClient
 from mmembed import tracking
-logger = tracking.make_mlflow_logger("race", tracking_uri=sys.argv[1], output_dir=sys.argv[2], run_name=sys.argv[3])
-logger.log_metrics({"x": 1.0}, step=0)
-logger.finalize("success")
+uri, name = sys.argv[1], sys.argv[3]
+tracking.ensure_store(uri)
+client = MlflowClient(uri)
+exp_id = tracking.get_or_create_experiment(client, "race", tracking.default_artifact_location(sys.argv[2], "race"))
+run = client.create_run(exp_id, run_name=name, tags=tracking.process_tags())
+client.log_metric(run.info.run_id, "x", 1.0)
+client.set_terminated(run.info.run_id, "FINISHED")
 """
 
 
@@ -205,8 +212,15 @@ def test_stale_running_run_is_marked_killed_and_a_resume_reopens_it(tmp_path):
     assert client.get_run(alive).info.status == "RUNNING" and client.get_run(other_host).info.status == "RUNNING"
     assert client.get_run(logger.run_id).data.tags[tracking.PID_TAG] == str(os.getpid())
     # Resuming the killed run continues it: RUNNING again, this process, counted as resumed; metrics go to it.
+    client.log_param(dead, "ckpt_path", "None")  # what the killed run's log_config recorded
     resumed = tracking.make_mlflow_logger("stale-test", tracking_uri=uri, output_dir=store, run_id=dead)
     resumed.log_metrics({"train/loss": 0.5}, step=7)
+    # Its config now names the checkpoint: MLflow refuses to change a param, so the change goes to a tag.
+    tracking.log_config(resumed, {"ckpt_path": "last.ckpt", "seed": 0})
+    run = client.get_run(dead)
+    assert run.data.params == {"ckpt_path": "None", "seed": "0"}
+    assert run.data.tags[tracking.RESUME_CHANGED_TAG] == "ckpt_path=last.ckpt"
+    assert "resumed_config.yaml" in {a.path for a in client.list_artifacts(dead)}
     run = client.get_run(dead)
     assert run.info.status == "RUNNING" and run.data.tags[tracking.RESUMED_TAG] == "1"
     assert run.data.tags[tracking.PID_TAG] == str(os.getpid()) and run.data.metrics["train/loss"] == 0.5
