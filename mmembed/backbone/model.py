@@ -233,8 +233,12 @@ def build_backbone(
 
 def build_input_builder(name_or_path: str | Path = "tiny", vtc_factor: int | None = None,
                         tile_policy: TilePolicy | dict | None = None, use_chat_template: bool = True,
-                        max_text_tokens: int = 256) -> InputBuilder:
-    """The input builder (templates + processor + tiling) that goes with ``build_backbone(name_or_path, ...)``."""
+                        max_text_tokens: int = 256, fast_images: bool = True) -> InputBuilder:
+    """The input builder (templates + processor + tiling) that goes with ``build_backbone(name_or_path, ...)``.
+
+    ``fast_images=False`` preprocesses images with the stock processor instead of ``mmembed.backbone.pixels``.
+    """
     processor, _ = load_processor(name_or_path, vtc_factor)
     policy = tile_policy if isinstance(tile_policy, TilePolicy) or tile_policy is None else TilePolicy(**tile_policy)
-    return InputBuilder(processor, policy, use_chat_template=use_chat_template, max_text_tokens=max_text_tokens)
+    return InputBuilder(processor, policy, use_chat_template=use_chat_template, max_text_tokens=max_text_tokens,
+                        fast_images=fast_images)
