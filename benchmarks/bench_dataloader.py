@@ -84,23 +84,30 @@ def bench_loader(shards: str, builder, workers: int, batch_size: int, negatives:
     t0 = time.perf_counter()
     it = iter(dm.train_dataloader())
     first = next(it)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     n = sum(1 for _ in it)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
+    # Without workers the whole pipeline runs in this process, so its CPU time is the loader's cost, which other
+    # processes on a shared machine hardly stretch (wall time they do).
+    cpu = n / max(c2 - c1, 1e-9) if workers == 0 else None
     return {"workers": workers, "first_s": t1 - t0, "batches": n, "batches_s": n / (t2 - t1),
-            "samples_s": n * batch_size / (t2 - t1), "example": first}
+            "samples_s": n * batch_size / (t2 - t1), "batches_per_cpu_s": cpu, "example": first}
 
 
-def bench_model(backbone_name: str, vtc_factor: int, batches: list[dict], steps: int) -> float:
-    """Training steps/s of ``ContrastiveModule`` (LoRA) on loader batches; see ``benchmarks.common.TrainStep``."""
+def bench_model(backbone_name: str, vtc_factor: int, batches: list[dict], steps: int) -> tuple[float, float]:
+    """Training steps/s of ``ContrastiveModule`` (LoRA) on loader batches (``benchmarks.common.TrainStep``).
+
+    Returns:
+        ``(steps per wall second, steps per CPU second of this process)``.
+    """
     from benchmarks.common import TrainStep
 
     step = TrainStep(backbone_name, vtc_factor)
     step(batches[0])  # warm-up (allocations, LoRA init paths)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for i in range(steps):
         step(batches[i % len(batches)])
-    return steps / (time.perf_counter() - t)
+    return steps / (time.perf_counter() - t), steps / max(time.process_time() - c, 1e-9)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -116,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--images", default="fast", help="comma-separated image paths to time: fast, stock")
     p.add_argument("--reps", type=int, default=1, help="loader epochs per (path, workers), median reported")
     p.add_argument("--steps", type=int, default=6, help="timed training steps")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the model step and of a loader without workers (workers use one each)")
     args = p.parse_args(argv)
     paths = [x.strip() for x in args.images.split(",") if x.strip()]
     if not paths or set(paths) - {"fast", "stock"}:
@@ -125,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     try:
         return _run(args, paths)
     finally:
@@ -159,20 +168,30 @@ def _run(args: argparse.Namespace, paths: list[str]) -> dict:
                 r = dict(runs[path][0])
                 r["batches_s"] = statistics.median(x["batches_s"] for x in runs[path])
                 r["samples_s"] = statistics.median(x["samples_s"] for x in runs[path])
+                if w == 0:
+                    r["batches_per_cpu_s"] = statistics.median(x["batches_per_cpu_s"] for x in runs[path])
                 results[path].append(r)
                 print(f"loader  images={path:5s} workers={w}: {r['samples_s']:8.1f} samples/s  "
                       f"{r['batches_s']:6.2f} batches/s  (first batch {r['first_s']:.2f}s, {r['batches']} timed "
-                      f"batches, median of {args.reps})")
+                      f"batches, median of {args.reps})" + (f", {r['batches_per_cpu_s']:.2f} batches per CPU-second"
+                                                            if w == 0 else ""))
         examples = [r["example"] for r in results[paths[0]]]
         ex = examples[0]
         print(f"batch   query {tuple(ex['query']['input_ids'].shape)}, candidate "
               f"{tuple(ex['candidate']['input_ids'].shape)}, tiles q/c "
               f"{int(ex['query']['num_tiles'].sum())}/{int(ex['candidate']['num_tiles'].sum())} ({ex['dataset']})")
-        steps_s = bench_model(args.backbone, args.vtc_factor, examples, args.steps)
-        print(f"model   {steps_s:6.2f} steps/s  ({steps_s * args.batch_size:.1f} samples/s) "
-              f"ContrastiveModule.training_step + AdamW, LoRA")
-        out = {"steps_s": steps_s, "loader": {}}
+        steps_s, steps_cpu = bench_model(args.backbone, args.vtc_factor, examples, args.steps)
+        print(f"model   {steps_s:6.2f} steps/s  ({steps_s * args.batch_size:.1f} samples/s, {steps_cpu:.2f} steps per "
+              f"CPU-second) ContrastiveModule.training_step + AdamW, LoRA, {torch.get_num_threads()} thread(s)")
+        out = {"steps_s": steps_s, "steps_per_cpu_s": steps_cpu, "loader": {}, "loader_per_cpu_s": {}}
         for path in reversed(paths):  # the first path (the default: fast) gives the closing line
+            own = [r for r in results[path] if r["workers"] == 0]
+            if own:
+                cpu = own[0]["batches_per_cpu_s"]
+                out["loader_per_cpu_s"][path] = cpu
+                print(f"=> images={path}, CPU time: one loader process gives {cpu:.2f} batches per CPU-second "
+                      f"against {steps_cpu:.2f} steps per CPU-second ({cpu / steps_cpu:.2f}x)")
+        for path in reversed(paths):
             best = max(results[path], key=lambda r: r["batches_s"])
             out["loader"][path] = best["batches_s"]
             verdict = "the loader" if best["batches_s"] < steps_s else "the model"
