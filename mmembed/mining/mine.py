@@ -80,6 +80,8 @@ class DatasetMiningStats:
 
     Attributes:
         queries: Queries mined (= samples of the dataset).
+        distinct_queries: Queries embedded: a query repeated in several samples (same instruction, text, pixels)
+            is embedded once.
         corpus_size: Unique positives the queries were ranked against.
         merged_positives: Samples whose positive was merged into an earlier corpus entry (same id or content).
         search_k: Ranked-list depth searched per query.
@@ -116,6 +118,7 @@ class DatasetMiningStats:
     false_negatives_picked: int | None = None
     queries_with_false_negative_picked: int | None = None
     shards: list[str] = field(default_factory=list)
+    distinct_queries: int | None = None
 
 
 @dataclass
@@ -414,6 +417,7 @@ def _mine_dataset(ds: _Dataset, q: torch.Tensor, c: torch.Tensor, *, strategy: S
     clamped = [len(x) for x in lists if len(x) < (window[1] if strategy == "window" else k)]
     stats = DatasetMiningStats(
         queries=len(ds.samples),
+        distinct_queries=len(ds.unique_queries),
         corpus_size=len(ds.corpus),
         merged_positives=ds.merged,
         search_k=search_k,
