@@ -50,4 +50,7 @@ def test_order_of_size_gives_each_sample_its_own_query_embedding(tiny_embedder, 
     # Back in sample order: each row is that sample's query embedded on its own.
     direct = tiny_embedder.encode([side_to_item(d.sample.query, d.images) for d in ds.samples], batch_size=1)
     torch.testing.assert_close(emb["toy", "query"], direct, atol=1e-5, rtol=0)
+    # Candidates back in corpus order (the corpus is sorted by size for embedding, then un-permuted).
+    corpus = tiny_embedder.encode(ds.items("candidate"), role="candidate", batch_size=1)
     assert emb["toy", "candidate"].shape[0] == len(ds.corpus) == 12
+    torch.testing.assert_close(emb["toy", "candidate"], corpus, atol=1e-5, rtol=0)
