@@ -71,7 +71,8 @@ class InputBuilder:
         tile_policy: tile caps per item kind.
         use_chat_template: wrap the templated text in the tokenizer's chat template (as InternVL3 is prompted).
         max_text_tokens: the item's free text is cut to this many tokens (image tokens are never cut).
-        fast_images: tile, resize and normalise images with ``mmembed.backbone.pixels`` (tensor ops, same pixels)
+        fast_images: tile, resize and normalise images with ``mmembed.backbone.pixels`` (tensor ops; same tiles and
+            tokens, pixels within one 8-bit level of the stock processor's)
             and expand the image placeholder here, instead of calling the stock processor per item; ``False`` runs
             the stock processor (the reference the fast path is tested against). Falls back to the stock processor
             when the image processor uses settings the tensor path does not reproduce.
