@@ -3,8 +3,9 @@
 Issue: print training-step throughput (samples/s) and peak memory for VTC vs native on the mini preset in one run
 (paper Table 9: 2.3x faster at 2B scale); goal on CPU >= 1.8x.
 
-One step = embed a batch of queries and of their positive candidates, InfoNCE over in-batch negatives
-(temperature 0.03, paper Table 14), backward, AdamW step, with LoRA r=16 on the LLM (the stage-2 recipe).
+One step = ``ContrastiveModule.training_step`` (embed a batch of queries and of their positive candidates, InfoNCE
+over in-batch negatives, temperature 0.03, paper Table 14), backward, AdamW step, with LoRA r=16 on the LLM (the
+stage-2 recipe); see ``benchmarks.common.TrainStep``.
 Both models start from the same preset weights and the same LoRA init, and differ only in ``vtc_factor``.
 Batches are built before timing: in training, data loading runs in DataLoader workers beside the step.
 
@@ -42,15 +43,16 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from benchmarks.common import (
+    LORA,
     REFERENCE_PRESET,
     REPO_ROOT,
     Timings,
+    TrainStep,
     add_common_args,
     benchmark_session,
     check_common_args,
@@ -73,9 +75,6 @@ from benchmarks.common import (
 
 GOAL = 1.8  # from the issue: training-step samples/s of VTC over native on CPU
 FACTORS = (2, 1)
-TEMPERATURE = 0.03  # paper Table 14
-LEARNING_RATE = 2e-4  # paper Table 14, maximum learning rate of stages 2 and 3
-LORA = {"mode": "lora", "lora_r": 16}  # paper §5 / Table 10: LoRA rank 16 on the LLM
 CHILD_TAG = "MEMORY_JSON "
 
 
@@ -188,52 +187,33 @@ def make_samples(preset: str, task_name: str, batch_size: int, seed: int) -> tup
 
 @dataclass
 class Batch:
-    queries: dict
-    candidates: dict
+    """A ``ContrastiveDataModule``-style batch (``query``, ``candidate``, ``num_negatives``) and its size."""
+
+    data: dict
     size: int
 
 
 def build_batch(builder, queries: list, cands: list, device: torch.device) -> Batch:
-    return Batch(builder(queries, "query").to(device), builder(cands, "candidate").to(device), len(queries))
+    return Batch({"query": builder(queries, "query").to(device), "candidate": builder(cands, "candidate").to(device),
+                  "num_negatives": 0}, len(queries))
 
 
 # ---------------------------------------------------------------------------------------------------------- step
 class Trainer:
-    """One backbone with LoRA, its AdamW optimizer and the contrastive step."""
+    """One ``ContrastiveModule`` with LoRA and its optimiser (``benchmarks.common.TrainStep``) plus its inputs."""
 
     def __init__(self, preset: str, vtc_factor: int, device: torch.device, dtype: torch.dtype, seed: int) -> None:
-        from mmembed.backbone import build_backbone, build_input_builder
+        from mmembed.backbone import build_input_builder
 
-        # peft draws the LoRA A matrices from the global RNG: seeding it makes both models' adapters identical too
-        # (in a forked RNG state, so the caller's random stream is left as it was).
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            backbone = build_backbone(preset, vtc_factor, finetune=LORA, seed=seed)
-        self.backbone = backbone.to(device).train()
+        self.train_step = TrainStep(preset, vtc_factor, device, dtype, seed)
         self.builder = build_input_builder(preset, vtc_factor)
-        self.params = [p for p in self.backbone.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=LEARNING_RATE)
-        self.device = device
-        # fp32 master weights with autocast (Lightning's "bf16-mixed"): AdamW on bf16 weights would lose updates.
-        self.autocast = dtype != torch.float32
-        self.dtype = dtype
 
     def step(self, batch: Batch) -> float:
-        from mmembed.losses.infonce import info_nce
-
-        ctx = torch.autocast(self.device.type, dtype=self.dtype) if self.autocast else nullcontext()
-        with ctx:
-            q = self.backbone.embed(**batch.queries)
-            c = self.backbone.embed(**batch.candidates)
-        loss = info_nce(q, c, temperature=TEMPERATURE, gather=False).loss
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return self.train_step(batch.data)
 
     @property
     def image_token_id(self) -> int:
-        return self.backbone.config.image_token_id
+        return self.train_step.backbone.config.image_token_id
 
 
 # -------------------------------------------------------------------------------------------------------- memory
@@ -378,9 +358,9 @@ def run(args: argparse.Namespace, argv: list[str], name: str, device: torch.devi
         queries, cands = make_samples(name, task, args.batch_size, args.seed)
         for s, tr in trainers.items():
             b = batches[task, s] = build_batch(tr.builder, queries, cands, device)
-            vis = count_image_tokens(b.queries["input_ids"], tr.image_token_id) + count_image_tokens(
-                b.candidates["input_ids"], tr.image_token_id)
-            real = int(b.queries["attention_mask"].sum() + b.candidates["attention_mask"].sum())
+            vis = count_image_tokens(b.data["query"]["input_ids"], tr.image_token_id) + count_image_tokens(
+                b.data["candidate"]["input_ids"], tr.image_token_id)
+            real = int(b.data["query"]["attention_mask"].sum() + b.data["candidate"]["attention_mask"].sum())
             stats[task, s] = (sum(vis) / b.size, real / b.size)
 
     # Native and VTC of one task sit next to each other, so they run back to back in every repetition.

@@ -27,27 +27,14 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from mmembed.backbone.presets import PRESETS, Preset, preset_config
+from mmembed.backbone.presets import PRESETS, preset_config
 from mmembed.backbone.vtc import tokens_per_tile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# Alternative shapes for the ``mini`` preset, selected with ``--mini-shape``. ``preset`` builds ``mini`` exactly as
-# ``mmembed/backbone/presets.py`` defines it. ``2b-proportional`` keeps what decides the VTC speed-up at 2B scale:
-# the vision tower's cost per tile is about the LLM's cost on one native tile's 256 tokens (InternViT-300M on 1025
-# patches vs Qwen2.5-1.5B), the LLM has 128-wide heads with 6:1 grouped-query attention and a 5.83x MLP, and the
-# vision tower has 64-wide heads and a 4x MLP. Widths are half of InternVL3-2B's and depths are cut to two layers so
-# that a CPU can still time it. ``print_shape_table`` prints the resulting proportions next to InternVL3-2B's.
-MINI_SHAPES: dict[str, Preset | None] = {
-    "preset": None,
-    "2b-proportional": Preset(
-        vision=dict(hidden_size=448, num_hidden_layers=2, num_attention_heads=7, intermediate_size=1792,
-                    image_size=[448, 448], patch_size=[14, 14], attention_bias=True, layer_scale_init_value=0.1),
-        text=dict(model_type="qwen2", vocab_size=None, hidden_size=768, num_hidden_layers=2, num_attention_heads=6,
-                  num_key_value_heads=1, intermediate_size=4480, max_position_embeddings=8192, rope_theta=10000.0,
-                  tie_word_embeddings=True),
-    ),
-}
+# Shapes for ``--mini-shape``: ``preset`` builds ``mini`` as ``mmembed/backbone/presets.py`` defines it,
+# ``2b-proportional`` the ``mini_2b_proportional`` preset defined there (InternVL3-2B's proportions at CPU size).
+MINI_SHAPES: dict[str, str] = {"preset": "mini", "2b-proportional": "mini_2b_proportional"}
 REFERENCE_PRESET = "internvl3_2b"
 
 
@@ -217,39 +204,25 @@ def log(msg: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------------- shapes
 def resolve_preset(preset: str, mini_shape: str) -> str:
-    """Name to pass to ``build_backbone``: the preset itself, or an alternative ``mini`` shape registered for this run.
-
-    Registering in the in-process ``PRESETS`` dict (not in presets.py) keeps the alternative local to a benchmark
-    run while going through the same builder, tokenizer and processor code as every real preset.
-    """
-    shape = MINI_SHAPES[mini_shape]
-    if shape is None:
-        return preset
-    name = f"mini@{mini_shape}"
-    PRESETS.setdefault(name, shape)
-    return name
+    """Preset name for ``build_backbone``: the preset itself, or the ``mini`` shape chosen by ``--mini-shape``."""
+    return MINI_SHAPES[mini_shape] if preset == "mini" else preset
 
 
 @contextmanager
 def benchmark_session(args: argparse.Namespace) -> Iterator[tuple[str, torch.device, torch.dtype]]:
     """Device, dtype and preset name for one run, set up from the common flags and undone afterwards.
 
-    ``main()`` is also called from tests in a shared interpreter, so the thread count is restored and an alternative
-    shape registered for the run is removed from ``PRESETS`` on the way out.
+    ``main()`` is also called from tests in a shared interpreter, so the thread count is restored on the way out.
 
     Yields:
         ``(preset name to build, device, dtype)``.
     """
     threads = torch.get_num_threads()
-    shape_name = f"mini@{args.mini_shape}"
-    registered_before = shape_name in PRESETS
     try:
         device, dtype = setup_device(args.device, args.dtype, args.threads)
         yield resolve_preset(args.preset, args.mini_shape), device, dtype
     finally:
         torch.set_num_threads(threads)
-        if not registered_before:
-            PRESETS.pop(shape_name, None)
 
 
 def _config(preset: str):
@@ -352,6 +325,73 @@ def document_pages(rng: random.Random, n: int, side: int) -> list:
 def count_image_tokens(input_ids: torch.Tensor, image_token_id: int) -> list[int]:
     """Visual (``<IMG_CONTEXT>``) tokens per row of a built batch: what the LLM actually receives."""
     return (input_ids == image_token_id).sum(dim=1).tolist()
+
+
+# ------------------------------------------------------------------------------------------------- training step
+TEMPERATURE = 0.03  # paper Table 14
+LEARNING_RATE = 2e-4  # paper Table 14, maximum learning rate of stages 2 and 3
+LORA = {"mode": "lora", "lora_r": 16}  # paper §5 / Table 10: LoRA rank 16 on the LLM
+
+
+class TrainStep:
+    """One training step of the library's ``ContrastiveModule``, as Lightning's automatic optimisation runs it.
+
+    ``module.training_step(batch)`` (embed queries and candidates, InfoNCE over in-batch + hard negatives), then
+    backward, the optimiser from ``module.configure_optimizers()`` (AdamW), and ``zero_grad``. Why not a
+    ``lightning.Trainer``: the benchmarks time single steps of several models interleaved; a Trainer owns its loop
+    and cannot hand back control between steps. ``self.log`` inside ``training_step`` is a no-op without a Trainer.
+
+    Args:
+        preset: backbone preset (random init, seeded).
+        vtc_factor: compression factor.
+        device, dtype: where to run; a dtype other than float32 runs under autocast with fp32 master weights
+            (Lightning's ``bf16-mixed``: AdamW on bf16 weights would lose updates).
+        seed: weights and LoRA init (the same seed gives identical models for every factor).
+        finetune: ``FinetuneConfig`` fields (default: LoRA r=16 on the LLM, the stage-2 recipe).
+        gradient_checkpointing: recompute activations in backward (memory for time).
+    """
+
+    def __init__(self, preset: str, vtc_factor: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, seed: int = 0, finetune: dict | None = None,
+                 gradient_checkpointing: bool = False) -> None:
+        from functools import partial
+
+        from mmembed.backbone import build_backbone
+        from mmembed.losses.infonce import InfoNCELoss
+        from mmembed.modules.contrastive import ContrastiveModule
+
+        ft = dict(finetune or LORA)
+        if gradient_checkpointing:
+            ft["gradient_checkpointing"] = True
+        # peft draws the LoRA A matrices from the global RNG: seeding it makes every factor's adapters identical
+        # too (in a forked RNG state, so the caller's random stream is left as it was).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            backbone = build_backbone(preset, vtc_factor, finetune=ft, seed=seed)
+        self.device = torch.device(device)
+        self.module = ContrastiveModule(backbone, loss=InfoNCELoss(temperature=TEMPERATURE, gather=False),
+                                        optimizer=partial(torch.optim.AdamW, lr=LEARNING_RATE))
+        self.module.to(self.device).train()
+        self.optimizer = self.module.configure_optimizers()
+        self.dtype = dtype
+
+    @property
+    def backbone(self):
+        return self.module.backbone
+
+    def __call__(self, batch: dict) -> float:
+        """One step on a ``ContrastiveDataModule``-style batch (``query``, ``candidate``, ``num_negatives``)."""
+        import warnings
+
+        autocast = self.dtype != torch.float32
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer attached: logging is skipped
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
+                loss = self.module.training_step(batch, 0)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
 
 
 # ---------------------------------------------------------------------------------------------------------- memory

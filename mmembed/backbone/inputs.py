@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from transformers import BatchFeature
 
+from mmembed.backbone import pixels
 from mmembed.backbone.templates import format_item_text, template_parts
 from mmembed.data.images import DEFAULT_MAX_PIXELS, describe_source, open_image
 from mmembed.data.images import image_size as _image_size
@@ -99,13 +100,18 @@ class InputBuilder:
         max_text_tokens: the item's free text is cut to this many tokens (image tokens are never cut).
         pooled_token: ``"eos"`` or ``"prompt_end"``, see above.
         max_pixels: per-image pixel limit, the same as the shard reader's by default.
+        fast_images: tile, resize and normalise images with ``mmembed.backbone.pixels`` (tensor ops; same tiles and
+            tokens, pixels within one 8-bit level of the stock processor's)
+            and expand the image placeholder here, instead of calling the stock processor per item; ``False`` runs
+            the stock processor (the reference the fast path is tested against). Falls back to the stock processor
+            when the image processor uses settings the tensor path does not reproduce.
     """
 
     POOLED_TOKENS = ("eos", "prompt_end")
 
     def __init__(self, processor, tile_policy: TilePolicy | None = None, use_chat_template: bool = True,
                  max_text_tokens: int = 256, pooled_token: str = "eos",
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, fast_images: bool = True) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.tile_policy = tile_policy or TilePolicy()
@@ -118,6 +124,7 @@ class InputBuilder:
                              "or use pooled_token='prompt_end'")
         self.pooled_token = pooled_token
         self.max_pixels = max_pixels
+        self.fast_images = fast_images and pixels.supports(processor.image_processor)
 
     @property
     def image_token(self) -> str:
@@ -164,6 +171,12 @@ class InputBuilder:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             return {"input_ids": ids, "pixel_values": None, "num_tiles": 0}
         image = load_image(item.image, what=f"item {index}", max_pixels=self.max_pixels)
+        if self.fast_images:
+            pv = pixels.tile_pixels(image, self.processor.image_processor, self.tile_policy.max_tiles(item.kind))
+            p = self.processor
+            expanded = f"{p.start_image_token}{p.image_token * (p.image_seq_length * pv.shape[0])}{p.end_image_token}"
+            ids = self.tokenizer(text.replace(p.image_token, expanded, 1), add_special_tokens=False)["input_ids"]
+            return {"input_ids": ids, "pixel_values": pv, "num_tiles": int(pv.shape[0])}
         out = self.processor(text=[text], images=[image], return_tensors="pt", **self._image_kwargs(item.kind))
         pv = out["pixel_values"]
         return {"input_ids": out["input_ids"][0].tolist(), "pixel_values": pv, "num_tiles": int(pv.shape[0])}

@@ -279,13 +279,16 @@ def build_backbone(
 
 def build_input_builder(name_or_path: str | Path = "tiny", vtc_factor: int | None = None,
                         tile_policy: TilePolicy | dict | None = None, use_chat_template: bool = True,
-                        max_text_tokens: int = 256, pooled_token: str = "eos") -> InputBuilder:
+                        max_text_tokens: int = 256, pooled_token: str = "eos",
+                        fast_images: bool = True) -> InputBuilder:
     """The input builder (templates + processor + tiling) for ``name_or_path`` at ``vtc_factor``, without a model.
 
     ``build_backbone`` calls this for the builder it attaches to the backbone; call it directly only where no
     model is needed (tools that only tokenise, tests of the data layer).
+
+    ``fast_images=False`` preprocesses images with the stock processor instead of ``mmembed.backbone.pixels``.
     """
     processor, _ = load_processor(name_or_path, vtc_factor)
     policy = tile_policy if isinstance(tile_policy, TilePolicy) or tile_policy is None else TilePolicy(**tile_policy)
     return InputBuilder(processor, policy, use_chat_template=use_chat_template, max_text_tokens=max_text_tokens,
-                        pooled_token=pooled_token)
+                        pooled_token=pooled_token, fast_images=fast_images)

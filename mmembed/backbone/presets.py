@@ -62,6 +62,17 @@ PRESETS: dict[str, Preset] = {
                   num_key_value_heads=2, intermediate_size=1536, max_position_embeddings=8192, rope_theta=10000.0,
                   tie_word_embeddings=True),
     ),
+    # ``mini`` with what decides the VTC speed-up at 2B scale kept (used by ``benchmarks/ --mini-shape
+    # 2b-proportional``): the vision tower's cost per tile is about the LLM's cost on one native tile's 256 tokens
+    # (InternViT-300M on 1025 patches vs Qwen2.5-1.5B), 128-wide LLM heads with 6:1 grouped-query attention and a
+    # 5.83x MLP, 64-wide vision heads with a 4x MLP. Widths are half of InternVL3-2B's, depths two layers.
+    "mini_2b_proportional": Preset(
+        vision=dict(hidden_size=448, num_hidden_layers=2, num_attention_heads=7, intermediate_size=1792,
+                    image_size=[448, 448], patch_size=[14, 14], attention_bias=True, layer_scale_init_value=0.1),
+        text=dict(model_type="qwen2", vocab_size=None, hidden_size=768, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=1, intermediate_size=4480, max_position_embeddings=8192, rope_theta=10000.0,
+                  tie_word_embeddings=True),
+    ),
     "internvl3_1b": Preset(
         vision=INTERNVIT_300M,
         text=dict(_QWEN_COMMON, hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,

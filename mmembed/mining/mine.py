@@ -4,7 +4,9 @@ For every sub-dataset (the samples' ``dataset`` field) separately:
 
 1. the candidate corpus is the dataset's unique positives -- deduplicated by ``Side.id`` when the positive has one,
    else by content (text + decoded pixels);
-2. all candidates (role ``"candidate"``) and all queries (role ``"query"``) are embedded;
+2. all candidates (role ``"candidate"``) and all distinct queries (role ``"query"``; a query repeated in several
+   samples -- same instruction, text and pixels -- is embedded once) are embedded, in order of size, so that a
+   batch holds items of similar length;
 3. every query's candidates are ranked exactly (:func:`~mmembed.mining.search.topk_search`);
 4. the ground-truth positive and its exact duplicates (same id, or same text + pixels under another id) are removed;
 5. ``strategy="window"`` samples ``n`` negatives uniformly from filtered ranks ``[start, end)`` -- the paper's 2 from
@@ -81,6 +83,8 @@ class DatasetMiningStats:
 
     Attributes:
         queries: Queries mined (= samples of the dataset).
+        distinct_queries: Queries embedded: a query repeated in several samples (same instruction, text, pixels)
+            is embedded once.
         corpus_size: Unique positives the queries were ranked against.
         merged_positives: Samples whose positive was merged into an earlier corpus entry (same id or content).
         search_k: Ranked-list depth searched per query.
@@ -117,6 +121,7 @@ class DatasetMiningStats:
     false_negatives_picked: int | None = None
     queries_with_false_negative_picked: int | None = None
     shards: list[str] = field(default_factory=list)
+    distinct_queries: int | None = None
 
 
 @dataclass
@@ -175,11 +180,27 @@ class _Dataset:
     corpus: list[_Candidate] = field(default_factory=list)
     positive_index: list[int] = field(default_factory=list)  # corpus index of each sample's positive
     merged: int = 0
+    unique_queries: list[int] = field(default_factory=list)  # sample index of each distinct query's first holder
+    query_index: list[int] = field(default_factory=list)  # index into unique_queries of each sample's query
 
     def items(self, role: str) -> list[Item]:
+        """The items embedded for a role: the unique positives, or the distinct queries (each once)."""
         if role == "candidate":
             return [side_to_item(c.side, {c.side.image: c.image} if c.image is not None else {}) for c in self.corpus]
-        return [side_to_item(d.sample.query, d.images) for d in self.samples]
+        return [side_to_item(self.samples[i].sample.query, self.samples[i].images) for i in self.unique_queries]
+
+
+def _size_key(item: Item) -> tuple[int, int]:
+    """Cheap length proxy (image pixels, text characters): sorting by it puts items of like cost in one block."""
+    image = item.image
+    area = 0 if image is None else (image.size[0] * image.size[1] if isinstance(image, Image.Image) else 1)
+    return area, len(item.text or "")
+
+
+def _embedding_order(items: list[Item]) -> list[int]:
+    """The order a role's items are embedded in: by size, so a block (and each batch in it) holds items of similar
+    length and pads little; stable, so every rank and every world size derives the same order."""
+    return sorted(range(len(items)), key=lambda i: _size_key(items[i]))
 
 
 def content_key(side: Side, image: Image.Image | None) -> str:
@@ -229,6 +250,15 @@ def _collect(urls: list[str], counter: SkipCounter) -> dict[str, _Dataset]:
             else:
                 ds.merged += 1
             ds.positive_index.append(j)
+        # The same query (instruction, text, pixels) in several samples is embedded once.
+        by_query: dict[str, int] = {}
+        for i, dec in enumerate(ds.samples):
+            q = dec.sample.query
+            key = f"{q.instruction}\0{content_key(q, dec.images.get(q.image) if q.image is not None else None)}"
+            if key not in by_query:
+                by_query[key] = len(ds.unique_queries)
+                ds.unique_queries.append(i)
+            ds.query_index.append(by_query[key])
     return dict(sorted(datasets.items()))
 
 
@@ -239,7 +269,7 @@ def _blocks(datasets: dict[str, _Dataset], block_size: int,
     out = []
     for name, ds in datasets.items():
         for role in roles:
-            total = len(ds.corpus) if role == "candidate" else len(ds.samples)
+            total = len(ds.corpus) if role == "candidate" else len(ds.unique_queries)
             out.extend((name, role, s, min(s + block_size, total)) for s in range(0, total, block_size))
     return out
 
@@ -280,12 +310,13 @@ def _fingerprint(embedder: Any, datasets: dict[str, _Dataset], block_size: int, 
 def _embed_blocks(embedder: Any, datasets: dict[str, _Dataset], blocks: list[tuple[str, str, int, int]],
                   mine: list[int], batch_size: int, show_progress: bool) -> dict[int, torch.Tensor]:
     items = {(name, role): ds.items(role) for name, ds in datasets.items() for role in _ROLES}
+    order = {key: _embedding_order(its) for key, its in items.items()}
     it = track(mine, description="embedding for mining") if show_progress else mine
     out = {}
     for b in it:
         name, role, start, stop = blocks[b]
-        out[b] = embedder.encode(items[name, role][start:stop], role=role, batch_size=batch_size,
-                                 show_progress=False)
+        block = [items[name, role][i] for i in order[name, role][start:stop]]
+        out[b] = embedder.encode(block, role=role, batch_size=batch_size, show_progress=False)
     return out
 
 
@@ -321,7 +352,13 @@ def _assemble(datasets: dict[str, _Dataset], blocks: list[tuple[str, str, int, i
     pieces: dict[tuple[str, str], list[torch.Tensor]] = {}
     for b, (name, role, _, _) in enumerate(blocks):
         pieces.setdefault((name, role), []).append(embedded[b])
-    return {key: torch.cat(v) for key, v in pieces.items()}
+    out = {}
+    for (name, role), parts in pieces.items():
+        ds, ordered = datasets[name], torch.cat(parts)
+        emb = torch.empty_like(ordered)
+        emb[torch.tensor(_embedding_order(ds.items(role)), dtype=torch.long)] = ordered  # back to list order
+        out[name, role] = emb[torch.tensor(ds.query_index, dtype=torch.long)] if role == "query" else emb
+    return out
 
 
 def _open_corpus_index(corpus_index: Any, embedder: Any):
@@ -418,6 +455,7 @@ def _mine_dataset(ds: _Dataset, q: torch.Tensor, c: torch.Tensor, *, strategy: S
     clamped = [len(x) for x in lists if len(x) < (window[1] if strategy == "window" else k)]
     stats = DatasetMiningStats(
         queries=len(ds.samples),
+        distinct_queries=len(ds.unique_queries),
         corpus_size=len(ds.corpus),
         merged_positives=ds.merged,
         search_k=search_k,
