@@ -166,12 +166,12 @@ def peak_tflops(args: argparse.Namespace, device: torch.device) -> tuple[float |
 def eval_item_counts(path: str | None) -> tuple[dict[str, int], str]:
     """Items embedded by a full MMEB (image part) + VisDoc evaluation, for the projection.
 
-    Defaults (an estimate, said so in the output): MMEB has 36 image subsets (``mmembed.eval.benchmarks``), each
+    Defaults (an estimate, said so in the output): MMEB has 36 image subsets (``mmembed.eval.suites``), each
     evaluated on 1,000 queries ranked against 1,000 candidates; counted as 1,000 image queries and 1,000 image
     candidates per subset (an upper bound: many candidate lists are text labels, cheaper than images). VisDoc has 24
     sets; counted as 500 text queries and 1,000 pages per set. Pass ``--counts`` with real counts to replace them.
     """
-    from mmembed.eval.benchmarks import MMEB_SUBSETS, VISDOC_SETS
+    from mmembed.eval.suites import MMEB_SUBSETS, VISDOC_SETS
 
     if path:
         counts = json.loads(Path(path).read_text())

@@ -36,7 +36,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from mmembed.eval.runner import BenchmarkResult, SupportsRerank
+from mmembed.eval.results import BenchmarkResult, SupportsRerank
 
 
 class BenchmarkEvalCallback(L.Callback):
@@ -51,7 +51,7 @@ class BenchmarkEvalCallback(L.Callback):
         batch_size: Encoding batch size.
         max_queries: Only the first N queries of every set (quick checks during training).
         run_depth: Candidates per query kept in the run files.
-        reranker: E+R mode (see :func:`mmembed.eval.runner.rerank_topk`); ``None`` = embedder only.
+        reranker: E+R mode (see :func:`mmembed.eval.results.rerank_topk`); ``None`` = embedder only.
         rerank_k: Reranker shortlist size.
         prefix: Metric key prefix (default ``val/<benchmark>``).
         log_artifacts: Upload the files to MLflow when a logger is an ``MLFlowLogger``.

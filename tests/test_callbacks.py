@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from callbacks import MMEBEvalCallback, VisDocEvalCallback
 from mmembed.backbone import build_backbone, build_input_builder
 from mmembed.embedder import Embedder
-from mmembed.eval.runner import load_metrics
+from mmembed.eval.results import load_metrics
 from mmembed.types import Item
 from tests.test_eval_runners import write_beir, write_mmeb_subset
 from tests.test_tracking import fresh_sqlite_uri
@@ -116,7 +116,7 @@ def test_mmeb_callback_schedule_logging_and_checkpoint_monitor(tmp_path, mmeb_di
 def test_checkpoint_sees_the_value_of_its_own_step(tmp_path):
     """Scores that grow with the step: a checkpoint reading a stale value (the previous evaluation) would rank
     step 2 at 10, not 20."""
-    from mmembed.eval.runner import BenchmarkResult, SetScore
+    from mmembed.eval.results import BenchmarkResult, SetScore
 
     class StepScored(MMEBEvalCallback):
         def evaluate(self, embedder, out_dir, extra):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from mmembed.eval import benchmarks, trec
 from mmembed.eval.mmeb import evaluate_mmeb
-from mmembed.eval.runner import SupportsRerank, load_metrics
+from mmembed.eval.results import SupportsRerank, load_metrics
 from mmembed.eval.visdoc import evaluate_visdoc
 from mmembed.types import Item
 from tests.conftest import make_image

@@ -23,7 +23,9 @@ from PIL import Image, ImageDraw
 
 from mmembed.data.schema import Sample, Side
 from mmembed.data.shards import iter_decoded, write_shards
-from mmembed.mining.mine import MiningSummary, content_key, mine_hard_negatives
+from mmembed.mining.corpus import content_key
+from mmembed.mining.mine import mine_hard_negatives
+from mmembed.mining.stats import MiningSummary
 from mmembed.types import Item
 
 WINDOW = (5, 30)  # fits toy_t2i's 37-38 filtered candidates, too long for toy_t2t's 22-23 (clamped)

@@ -6,7 +6,11 @@ import torch
 
 from mmembed.data.schema import Sample, Side
 from mmembed.data.shards import SkipCounter, expand_urls, side_to_item, write_shards
-from mmembed.mining.mine import _assemble, _blocks, _collect, _embed_blocks, mine_hard_negatives
+from mmembed.mining.corpus import collect_datasets as _collect
+from mmembed.mining.embedding import assemble as _assemble
+from mmembed.mining.embedding import embed_blocks as _embed_blocks
+from mmembed.mining.embedding import work_blocks as _blocks
+from mmembed.mining.mine import mine_hard_negatives
 
 
 class CountingEncoder:

@@ -22,8 +22,8 @@ from rich.table import Table
 
 from mmembed.cli_args import add_model_arguments, embedder_from_args
 from mmembed.errors import run_cli
-from mmembed.eval.benchmarks import VISDOC_GROUP_TITLES
-from mmembed.eval.runner import BenchmarkResult
+from mmembed.eval.results import BenchmarkResult
+from mmembed.eval.suites import VISDOC_GROUP_TITLES
 
 
 def _names(value: str | None) -> list[str] | None:

@@ -24,8 +24,7 @@ from torch import Tensor
 
 from mmembed.data.evalsets import MMEBSubset, read_mmeb
 from mmembed.eval import metrics
-from mmembed.eval.benchmarks import SetInfo, read_groups, resolve_info
-from mmembed.eval.runner import (
+from mmembed.eval.results import (
     BenchmarkResult,
     Encoder,
     SetScore,
@@ -35,6 +34,7 @@ from mmembed.eval.runner import (
     scaled,
     write_trec_files,
 )
+from mmembed.eval.suites import SetInfo, read_groups, resolve_info
 from mmembed.types import Item
 
 _MAX_BLOCK = 1 << 22  # floats per (rows x unique candidates) block: bounds memory on 1000-candidate subsets
@@ -67,7 +67,7 @@ def resolve_mmeb_subsets(
             (subset -> meta_task / split / query_kind / candidate_kind, as ``mmembed-data synth`` writes it); or a
             synthetic-world root (its ``eval/mmeb`` is used); or the hub layout, one folder per subset holding
             ``{split}-00000-of-0000N.parquet`` shards (the root, or one subset folder). Hub-layout subsets are
-            named after their folder, so grouping comes from the public lists in ``mmembed.eval.benchmarks``.
+            named after their folder, so grouping comes from the public lists in ``mmembed.eval.suites``.
 
     Returns:
         ``(paths, groups, meta)``; ``groups`` and ``meta`` are empty without a ``subsets.json``.
@@ -222,7 +222,7 @@ def evaluate_mmeb(
         version: ``"v2"`` or ``"v1"`` parquet columns.
         batch_size: Encoding batch size.
         ind_ood: ``{subset: "ind" | "ood"}`` overrides; by default the split comes from ``subsets.json`` or, for
-            public names, :data:`mmembed.eval.benchmarks.MMEB_OOD`.
+            public names, :data:`mmembed.eval.suites.MMEB_OOD`.
         groups: ``{subset: SetInfo}`` overrides for meta-task and split.
         names: Evaluate only these subsets (in this order).
         reranker: E+R mode: re-order each row's top-``rerank_k`` candidates with it; ``None`` = E mode.

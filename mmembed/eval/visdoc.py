@@ -17,8 +17,7 @@ from torch import Tensor
 
 from mmembed.data.evalsets import VisDocSet, read_beir_visdoc
 from mmembed.eval import metrics, trec
-from mmembed.eval.benchmarks import VISDOC_GROUP_TITLES, SetInfo, read_groups, resolve_info
-from mmembed.eval.runner import (
+from mmembed.eval.results import (
     BenchmarkResult,
     Encoder,
     SetScore,
@@ -28,6 +27,7 @@ from mmembed.eval.runner import (
     scaled,
     write_trec_files,
 )
+from mmembed.eval.suites import VISDOC_GROUP_TITLES, SetInfo, read_groups, resolve_info
 
 
 class VisDocResult(BenchmarkResult):
@@ -140,7 +140,7 @@ def evaluate_visdoc(
         batch_size: Encoding batch size.
         ind_ood: ``{set: "ind" | "ood"}`` overrides.
         groups: ``{set: SetInfo}`` overrides for collection and split; by default from ``sets.json`` or, for public
-            names, :data:`mmembed.eval.benchmarks.VISDOC_GROUPS`.
+            names, :data:`mmembed.eval.suites.VISDOC_GROUPS`.
         names: Evaluate only these sets (in this order).
         reranker: E+R mode: re-order each query's top-``rerank_k`` pages with it; ``None`` = E mode.
         rerank_k: Shortlist size for the reranker (paper: 5).

@@ -21,7 +21,7 @@ import torch
 from mmembed.backbone.templates import instructions_for
 from mmembed.data.xmodal import CaptionSet, CompositionSet, load_xmodal_sets
 from mmembed.eval import metrics
-from mmembed.eval.runner import BenchmarkResult, Encoder, SetScore, Timer
+from mmembed.eval.results import BenchmarkResult, Encoder, SetScore, Timer
 from mmembed.types import Item
 
 #: Table 5's column group of each public set.

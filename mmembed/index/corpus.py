@@ -42,7 +42,7 @@ def corpus_from_shards(spec: str | os.PathLike) -> Corpus:
     from mmembed.data.decode import side_to_item
     from mmembed.data.reading import expand_urls, iter_decoded
     from mmembed.data.skips import SkipCounter
-    from mmembed.mining.mine import corpus_id
+    from mmembed.mining.corpus import corpus_id
 
     counter = SkipCounter("index")
     ids, items, meta, seen = [], [], [], set()

@@ -47,21 +47,11 @@ from mmembed.data.decode import side_to_item
 from mmembed.data.reading import expand_urls
 from mmembed.data.schema import Sample, Side
 from mmembed.data.skips import SkipCounter
-from mmembed.data.writing import write_shards
+from mmembed.data.writing import write_atomic, write_shards
 from mmembed.judge.judge import Judge, JudgePair
 from mmembed.judge.templates import BINARY_LABEL_DATASETS, is_binary_label, judgment_instruction
-from mmembed.mining.mine import (
-    BLOCK_BATCHES,
-    _assemble,
-    _blocks,
-    _collect,
-    _Dataset,
-    _embed_blocks,
-    _fingerprint,
-    _gather_parts,
-    _part_path,
-    _write_atomic,
-)
+from mmembed.mining.corpus import DatasetCorpus, collect_datasets
+from mmembed.mining.embedding import BLOCK_BATCHES, embed_datasets, gather_parts, part_path, split_fingerprint
 from mmembed.mining.sampling import filter_ranked
 from mmembed.mining.search import topk_search
 from mmembed.types import Item
@@ -160,29 +150,20 @@ def retrieve_candidates(embedder: Any, shards, cache_dir: str | os.PathLike, *, 
         raise ValueError(f"k must be >= 2 (the ground truth is removed from the top k), got {k}")
     cache = Path(cache_dir)
     counter = SkipCounter("curation")
-    datasets = _collect(_urls(shards), counter)
+    datasets = collect_datasets(_urls(shards), counter)
     block_size = batch_size * BLOCK_BATCHES
-    fingerprint = _fingerprint(embedder, datasets, block_size, world_size) + f"/k={k}"
+    fingerprint = split_fingerprint(embedder, datasets, block_size, world_size) + f"/k={k}"
     path = cache / RETRIEVAL_FILE
     if rank == 0 and path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("fingerprint") == fingerprint:
             log.info("retrieval: reusing %s", path)
             return cached
-    blocks = _blocks(datasets, block_size)
-    mine = [b for b in range(len(blocks)) if b % world_size == rank]
-    show = len(mine) > 8 if show_progress is None else show_progress
-    embedded = _embed_blocks(embedder, datasets, blocks, mine, batch_size, show)
-    if world_size > 1:
-        parts = cache / "embed_parts"
-        if rank != 0:
-            p = _part_path(parts, rank, world_size)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"fingerprint": fingerprint, "blocks": embedded}, p.with_name(p.name + ".tmp"))
-            os.replace(p.with_name(p.name + ".tmp"), p)
-            return None
-        embedded = _gather_parts(parts, world_size, fingerprint, embedded, part_timeout_s)
-    emb = _assemble(datasets, blocks, embedded)
+    emb = embed_datasets(embedder, datasets, cache / "embed_parts", batch_size=batch_size, world_size=world_size,
+                         rank=rank, fingerprint_extra=f"/k={k}", part_timeout_s=part_timeout_s,
+                         show_progress=show_progress, description="embedding for curation")
+    if emb is None:  # a rank other than 0: its blocks wait in cache/embed_parts for rank 0
+        return None
     device = getattr(embedder, "device", None)
     out: dict[str, list[dict[str, Any]]] = {}
     for name, ds in datasets.items():
@@ -199,7 +180,7 @@ def retrieve_candidates(embedder: Any, shards, cache_dir: str | os.PathLike, *, 
         out[name] = rows
     result = {"fingerprint": fingerprint, "k": k, "queries": out}
     cache.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, json.dumps(result, sort_keys=True) + "\n")
+    write_atomic(path, json.dumps(result, sort_keys=True) + "\n")
     return result
 
 
@@ -215,12 +196,12 @@ def _judge_fingerprint(judge: Judge | None, retrieval_fp: str, skip: Sequence[st
     return h.hexdigest()
 
 
-def _instruction(ds: _Dataset, instructions: dict[str, str]) -> str:
+def _instruction(ds: DatasetCorpus, instructions: dict[str, str]) -> str:
     s = ds.samples[0].sample
     return instructions.get(ds.name) or judgment_instruction(ds.name, task=s.task, analog=s.meta.get("analog"))
 
 
-def _skipped(ds: _Dataset, skip: Sequence[str]) -> bool:
+def _skipped(ds: DatasetCorpus, skip: Sequence[str]) -> bool:
     return is_binary_label(ds.name, ds.samples[0].sample.meta.get("analog"), tuple(skip))
 
 
@@ -244,7 +225,7 @@ def judge_candidates(judge: Judge | None, shards, cache_dir: str | os.PathLike, 
         if lines and json.loads(lines[0]).get("fingerprint") == fingerprint:
             log.info("judging: reusing %s", path)
             return {r["id"]: r for r in map(json.loads, lines[1:])}
-    datasets = _collect(_urls(shards), SkipCounter("curation"))
+    datasets = collect_datasets(_urls(shards), SkipCounter("curation"))
     work: list[tuple[str, int]] = []  # (dataset, query index) in a fixed global order
     for name, ds in datasets.items():
         if judge is not None and not _skipped(ds, skip_datasets):
@@ -272,12 +253,12 @@ def judge_candidates(judge: Judge | None, shards, cache_dir: str | os.PathLike, 
     if world_size > 1:
         parts = cache / "judge_parts"
         if rank != 0:
-            p = _part_path(parts, rank, world_size)
+            p = part_path(parts, rank, world_size)
             p.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"fingerprint": fingerprint, "blocks": own}, p.with_name(p.name + ".tmp"))
             os.replace(p.with_name(p.name + ".tmp"), p)
             return None
-        own = _gather_parts(parts, world_size, fingerprint, own, part_timeout_s)
+        own = gather_parts(parts, world_size, fingerprint, own, part_timeout_s)
     judged = {g: own[g] for g in range(len(work)) if g in own}
     if len(judged) != len(work):
         raise RuntimeError(f"{len(work) - len(judged)} judged queries are missing after merging the ranks")
@@ -291,7 +272,7 @@ def judge_candidates(judge: Judge | None, shards, cache_dir: str | os.PathLike, 
                                   "no": None if logits is None else [round(float(v), 5) for v in logits[:, 1]]}
     cache.mkdir(parents=True, exist_ok=True)
     header = json.dumps({"fingerprint": fingerprint, "judge": judge is not None, "skip": list(skip_datasets)})
-    _write_atomic(path, header + "\n" + "".join(json.dumps(r, sort_keys=True) + "\n" for r in out.values()))
+    write_atomic(path, header + "\n" + "".join(json.dumps(r, sort_keys=True) + "\n" for r in out.values()))
     return out
 
 
@@ -328,7 +309,7 @@ def _sides(ids: list[str], prefix: str, index: dict, images: dict) -> list[Side]
     return out
 
 
-def _curated_samples(ds: _Dataset, rows: list[dict[str, Any]]):
+def _curated_samples(ds: DatasetCorpus, rows: list[dict[str, Any]]):
     index = {c.cid: c for c in ds.corpus}
     for dec, row in zip(ds.samples, rows):
         s = dec.sample
@@ -354,7 +335,7 @@ def write_curated(shards, retrieval: dict[str, Any], judgments: dict[str, dict],
         raise ValueError(f"n (hard negatives per query) must be >= 0, got {n}")
     t0 = time.perf_counter()
     out = Path(out_dir)
-    datasets = _collect(_urls(shards), SkipCounter("curation"))
+    datasets = collect_datasets(_urls(shards), SkipCounter("curation"))
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     stats: dict[str, DatasetCurationStats] = {}
@@ -409,7 +390,7 @@ def write_curated(shards, retrieval: dict[str, Any], judgments: dict[str, dict],
         stats[name] = st
         manifest_rows += rows
     manifest = out / "manifest.jsonl"
-    _write_atomic(manifest, "".join(json.dumps(r, sort_keys=True) + "\n" for r in manifest_rows))
+    write_atomic(manifest, "".join(json.dumps(r, sort_keys=True) + "\n" for r in manifest_rows))
 
     def total(key: str) -> int | None:
         vals = [getattr(s, key) for s in stats.values() if getattr(s, key) is not None]
@@ -427,7 +408,7 @@ def write_curated(shards, retrieval: dict[str, Any], judgments: dict[str, dict],
         queries=sum(s.queries for s in stats.values()), skipped_datasets=list(skipped_datasets), datasets=stats,
         totals=totals, timing={"write_s": round(time.perf_counter() - t0, 3)}, manifest=str(manifest),
         shards=all_shards)
-    _write_atomic(out / "summary.json", json.dumps(summary.to_json(), indent=2, sort_keys=True) + "\n")
+    write_atomic(out / "summary.json", json.dumps(summary.to_json(), indent=2, sort_keys=True) + "\n")
     return summary
 
 
@@ -485,7 +466,7 @@ def curate(embedder: Any, judge: Judge | None, shards, out_dir: str | os.PathLik
                             maxcount=maxcount, skipped_datasets=skipped)
     summary.timing.update({"retrieve_s": round(t1 - t0, 3), "judge_s": round(t2 - t1, 3),
                            "total_s": round(time.perf_counter() - t0, 3)})
-    _write_atomic(Path(out_dir) / "summary.json", json.dumps(summary.to_json(), indent=2, sort_keys=True) + "\n")
+    write_atomic(Path(out_dir) / "summary.json", json.dumps(summary.to_json(), indent=2, sort_keys=True) + "\n")
     t = summary.totals
     log.info("curation (%s, n=%d): %d queries; judge yes %s / no %s; planted false negatives caught %s, left as "
              "negatives: judge %s vs rule %s -> %s", strategy, max_negatives, summary.queries, t["judged_yes"],

@@ -38,7 +38,6 @@ Memory: all decoded samples are held while mining. For very large collections pa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -47,318 +46,27 @@ import time
 import warnings
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
-from rich.progress import track
 
-from mmembed.data.decode import DecodedSample, side_to_item
-from mmembed.data.reading import expand_urls, iter_decoded
+from mmembed.data.reading import expand_urls
 from mmembed.data.schema import Sample, Side
 from mmembed.data.skips import SkipCounter
-from mmembed.data.writing import write_shards
+from mmembed.data.writing import write_atomic, write_shards
+from mmembed.mining.corpus import DatasetCorpus, collect_datasets
+from mmembed.mining.embedding import ROLES, embed_datasets, model_fingerprint, part_path
 from mmembed.mining.sampling import filter_ranked, rule_based_negatives, sample_window_negatives
 from mmembed.mining.search import topk_search
-from mmembed.types import Item
+from mmembed.mining.stats import DatasetMiningStats, MiningSummary
 
 log = logging.getLogger(__name__)
 
 Strategy = Literal["window", "rule"]
 
-#: Encode calls are made on blocks of ``batch_size * BLOCK_BATCHES`` items: big enough for the embedder's
-#: length-sorted batching to save padding, and the unit that ranks share out.
-BLOCK_BATCHES = 8
-_ROLES = ("candidate", "query")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
-
-
-# ------------------------------------------------------------------------------------------------------- results
-@dataclass
-class DatasetMiningStats:
-    """What mining did on one sub-dataset (one entry of ``summary.json``'s ``datasets``).
-
-    Attributes:
-        queries: Queries mined (= samples of the dataset).
-        distinct_queries: Queries embedded: a query repeated in several samples (same instruction, text, pixels)
-            is embedded once.
-        corpus_size: Unique positives the queries were ranked against.
-        merged_positives: Samples whose positive was merged into an earlier corpus entry (same id or content).
-        search_k: Ranked-list depth searched per query.
-        negatives_per_query: ``n`` (window) or ``k`` (rule).
-        rank_mean: Mean 0-based rank of the chosen negatives in the filtered list (``rank_min``/``rank_max`` too).
-        raw_rank_mean: The same in 1-based raw rank (before removing the positive and its duplicates).
-        clamped_queries: Queries whose filtered list was shorter than the window end (window scaled down).
-        shortest_list: Shortest filtered list among the clamped queries (None when none was clamped).
-        clamp_warning: The sampler's warning text for this dataset, or None.
-        false_negatives_planted: Known false negatives (``meta["false_negative_ids"]``) present in the corpus,
-            summed over queries; None when the samples carry no such list.
-        queries_with_false_negatives: Queries with at least one known false negative in the corpus.
-        false_negatives_picked: Chosen negatives that are a known false negative of their query.
-        queries_with_false_negative_picked: Queries with at least one such pick.
-        shards: Output shard paths.
-    """
-
-    queries: int
-    corpus_size: int
-    merged_positives: int
-    search_k: int
-    negatives_per_query: int
-    rank_mean: float
-    rank_min: int
-    rank_max: int
-    raw_rank_mean: float
-    raw_rank_min: int
-    raw_rank_max: int
-    clamped_queries: int = 0
-    shortest_list: int | None = None
-    clamp_warning: str | None = None
-    false_negatives_planted: int | None = None
-    queries_with_false_negatives: int | None = None
-    false_negatives_picked: int | None = None
-    queries_with_false_negative_picked: int | None = None
-    shards: list[str] = field(default_factory=list)
-    distinct_queries: int | None = None
-
-
-@dataclass
-class MiningSummary:
-    """The result of :func:`mine_hard_negatives` (also written as ``summary.json``).
-
-    Attributes:
-        out_dir: Output folder.
-        strategy: ``"window"`` or ``"rule"``.
-        window: The rank window (window strategy), else None.
-        n: Negatives per query (window) -- for ``rule`` the number kept is ``k``.
-        k: Top-K of the rule strategy, else None.
-        seed: Sampling seed.
-        world_size: Ranks that shared the embedding work.
-        queries: Queries mined over all datasets.
-        datasets: Per-dataset statistics, by dataset name.
-        skipped: Samples skipped while reading the input shards, by reason.
-        timing: Seconds spent reading, embedding (this rank), searching + sampling, writing, and in total.
-        queries_per_s: ``queries / timing["total_s"]`` -- end to end in the process that merged.
-        manifest: Path of ``manifest.jsonl``.
-        shards: All output shard paths.
-    """
-
-    out_dir: str
-    strategy: str
-    window: tuple[int, int] | None
-    n: int
-    k: int | None
-    seed: int
-    world_size: int
-    queries: int
-    datasets: dict[str, DatasetMiningStats]
-    skipped: dict[str, int]
-    timing: dict[str, float]
-    queries_per_s: float
-    manifest: str
-    shards: list[str]
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# -------------------------------------------------------------------------------------------------- collected data
-@dataclass
-class _Candidate:
-    cid: str  # corpus id: the positive's Side.id, else a content-derived id
-    key: str  # content hash: equal keys = exact duplicates
-    side: Side
-    image: Image.Image | None
-
-
-@dataclass
-class _Dataset:
-    name: str
-    samples: list[DecodedSample] = field(default_factory=list)
-    corpus: list[_Candidate] = field(default_factory=list)
-    positive_index: list[int] = field(default_factory=list)  # corpus index of each sample's positive
-    merged: int = 0
-    unique_queries: list[int] = field(default_factory=list)  # sample index of each distinct query's first holder
-    query_index: list[int] = field(default_factory=list)  # index into unique_queries of each sample's query
-
-    def items(self, role: str) -> list[Item]:
-        """The items embedded for a role: the unique positives, or the distinct queries (each once)."""
-        if role == "candidate":
-            return [side_to_item(c.side, {c.side.image: c.image} if c.image is not None else {}) for c in self.corpus]
-        return [side_to_item(self.samples[i].sample.query, self.samples[i].images) for i in self.unique_queries]
-
-
-def _size_key(item: Item) -> tuple[int, int]:
-    """Cheap length proxy (image pixels, text characters): sorting by it puts items of like cost in one block."""
-    image = item.image
-    area = 0 if image is None else (image.size[0] * image.size[1] if isinstance(image, Image.Image) else 1)
-    return area, len(item.text or "")
-
-
-def _embedding_order(items: list[Item]) -> list[int]:
-    """The order a role's items are embedded in: by size, so a block (and each batch in it) holds items of similar
-    length and pads little; stable, so every rank and every world size derives the same order."""
-    return sorted(range(len(items)), key=lambda i: _size_key(items[i]))
-
-
-def content_key(side: Side, image: Image.Image | None) -> str:
-    """A hash of a side's content -- its text and decoded pixels -- that identifies exact duplicates.
-
-    The instruction and the image encoding are left out: the same caption or picture stored twice (as PNG and JPEG,
-    or under two templates) is the same candidate.
-    """
-    h = hashlib.sha1()
-    # Length-prefixed parts, so a text can never run into the image header that follows it.
-    text = side.text.encode("utf-8") if side.text is not None else None
-    h.update(b"T%d:" % len(text) + text if text is not None else b"T-:")
-    if image is not None:
-        h.update(f"I{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
-        h.update(image.tobytes())
-    return h.hexdigest()
-
-
-def corpus_id(dataset: str, side: Side, image: Image.Image | None, key: str | None = None) -> str:
-    """The corpus id of a positive: its ``Side.id``, else ``{dataset}/sha1:{content hash}`` (saved indexes use it too).
-
-    Args:
-        key: The side's :func:`content_key` when already computed.
-    """
-    return side.id or f"{dataset}/sha1:{(key or content_key(side, image))[:16]}"
-
-
-def _collect(urls: list[str], counter: SkipCounter) -> dict[str, _Dataset]:
-    """Read all samples, group them by dataset and build each dataset's deduplicated positive corpus."""
-    datasets: dict[str, _Dataset] = {}
-    for dec in iter_decoded(urls, counter=counter):
-        ds = datasets.setdefault(dec.sample.dataset, _Dataset(dec.sample.dataset))
-        ds.samples.append(dec)
-    for ds in datasets.values():
-        by_dedupe: dict[str, int] = {}
-        for dec in ds.samples:
-            pos = dec.sample.positive
-            image = dec.images.get(pos.image) if pos.image is not None else None
-            key = content_key(pos, image)
-            # The id is the identity when there is one (the synthetic world and converters set it); content otherwise.
-            dedupe = f"id:{pos.id}" if pos.id else f"content:{key}"
-            j = by_dedupe.get(dedupe)
-            if j is None:
-                j = by_dedupe[dedupe] = len(ds.corpus)
-                cid = corpus_id(ds.name, pos, image, key)
-                ds.corpus.append(_Candidate(cid=cid, key=key, side=pos, image=image))
-            else:
-                ds.merged += 1
-            ds.positive_index.append(j)
-        # The same query (instruction, text, pixels) in several samples is embedded once.
-        by_query: dict[str, int] = {}
-        for i, dec in enumerate(ds.samples):
-            q = dec.sample.query
-            key = f"{q.instruction}\0{content_key(q, dec.images.get(q.image) if q.image is not None else None)}"
-            if key not in by_query:
-                by_query[key] = len(ds.unique_queries)
-                ds.unique_queries.append(i)
-            ds.query_index.append(by_query[key])
-    return dict(sorted(datasets.items()))
-
-
-# ------------------------------------------------------------------------------------------------------- embedding
-def _blocks(datasets: dict[str, _Dataset], block_size: int,
-            roles: Sequence[str] = _ROLES) -> list[tuple[str, str, int, int]]:
-    """The work blocks ``(dataset, role, start, stop)`` in a fixed order; block ``b`` belongs to rank ``b % world``."""
-    out = []
-    for name, ds in datasets.items():
-        for role in roles:
-            total = len(ds.corpus) if role == "candidate" else len(ds.unique_queries)
-            out.extend((name, role, s, min(s + block_size, total)) for s in range(0, total, block_size))
-    return out
-
-
-def model_fingerprint(embedder: Any) -> str:
-    """A hash of a few values of every parameter of ``embedder.module``: tells two models' embeddings apart.
-
-    Cheap even for a 1B model, and enough to tell a stale file left by a run with other weights from this run's.
-    Empty string for an embedder without a torch module (e.g. a test double).
-    """
-    module = getattr(embedder, "module", None)
-    if not isinstance(module, torch.nn.Module):
-        return ""
-    h = hashlib.sha1()
-    with torch.no_grad():
-        for pname, p in module.named_parameters():
-            flat = p.detach().flatten()
-            probe = torch.cat([flat[:8], flat[-8:]]).float().cpu().numpy()
-            h.update(f"{pname}{tuple(p.shape)}".encode() + probe.tobytes())
-    return h.hexdigest()
-
-
-def _fingerprint(embedder: Any, datasets: dict[str, _Dataset], block_size: int, world_size: int) -> str:
-    """Identifies the work split, so a merge never mixes parts from another input, split or model.
-
-    The model enters through a few values of every parameter: cheap even for a 1B model, and enough to tell a
-    stale part left by a crashed run with other weights from this run's.
-    """
-    h = hashlib.sha1(f"{block_size}/{world_size}".encode())
-    h.update(model_fingerprint(embedder).encode())
-    for name, ds in datasets.items():
-        h.update(name.encode())
-        h.update("\n".join(c.cid + c.key for c in ds.corpus).encode())
-        h.update("\n".join(d.sample.id for d in ds.samples).encode())
-    return h.hexdigest()
-
-
-def _embed_blocks(embedder: Any, datasets: dict[str, _Dataset], blocks: list[tuple[str, str, int, int]],
-                  mine: list[int], batch_size: int, show_progress: bool) -> dict[int, torch.Tensor]:
-    items = {(name, role): ds.items(role) for name, ds in datasets.items() for role in _ROLES}
-    order = {key: _embedding_order(its) for key, its in items.items()}
-    it = track(mine, description="embedding for mining") if show_progress else mine
-    out = {}
-    for b in it:
-        name, role, start, stop = blocks[b]
-        block = [items[name, role][i] for i in order[name, role][start:stop]]
-        out[b] = embedder.encode(block, role=role, batch_size=batch_size, show_progress=False)
-    return out
-
-
-def _part_path(out_dir: Path, rank: int, world_size: int) -> Path:
-    return out_dir / "tmp" / f"part-{rank:03d}-of-{world_size:03d}.pt"
-
-
-def _gather_parts(out_dir: Path, world_size: int, fingerprint: str, own: dict[int, torch.Tensor],
-                  timeout_s: float, poll_s: float = 2.0) -> dict[int, torch.Tensor]:
-    """Rank 0: wait for the other ranks' part files, check they belong to this run and merge them."""
-    merged = dict(own)
-    deadline = time.monotonic() + timeout_s
-    for r in range(1, world_size):
-        path = _part_path(out_dir, r, world_size)
-        while not path.exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"rank {r}'s embeddings {path} did not appear within {timeout_s:.0f}s; "
-                                   "run that rank (same shards, batch_size and world_size) or raise part_timeout_s")
-            time.sleep(poll_s)
-        part = torch.load(path, map_location="cpu", weights_only=True)
-        if part["fingerprint"] != fingerprint:
-            raise ValueError(f"{path} was written for other shards, model, batch_size or world_size; delete "
-                             f"{path.parent} and rerun every rank")
-        merged.update(part["blocks"])
-    return merged
-
-
-def _assemble(datasets: dict[str, _Dataset], blocks: list[tuple[str, str, int, int]],
-              embedded: dict[int, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
-    missing = [b for b in range(len(blocks)) if b not in embedded]
-    if missing:
-        raise RuntimeError(f"{len(missing)} embedding blocks are missing after the merge (first: {blocks[missing[0]]})")
-    pieces: dict[tuple[str, str], list[torch.Tensor]] = {}
-    for b, (name, role, _, _) in enumerate(blocks):
-        pieces.setdefault((name, role), []).append(embedded[b])
-    out = {}
-    for (name, role), parts in pieces.items():
-        ds, ordered = datasets[name], torch.cat(parts)
-        emb = torch.empty_like(ordered)
-        emb[torch.tensor(_embedding_order(ds.items(role)), dtype=torch.long)] = ordered  # back to list order
-        out[name, role] = emb[torch.tensor(ds.query_index, dtype=torch.long)] if role == "query" else emb
-    return out
 
 
 def _open_corpus_index(corpus_index: Any, embedder: Any):
@@ -380,7 +88,7 @@ def _dataset_seed(seed: int, name: str) -> int:
     return seed * 2**32 + zlib.crc32(name.encode())
 
 
-def _mine_dataset(ds: _Dataset, q: torch.Tensor, c: torch.Tensor, *, strategy: Strategy, window: tuple[int, int],
+def _mine_dataset(ds: DatasetCorpus, q: torch.Tensor, c: torch.Tensor, *, strategy: Strategy, window: tuple[int, int],
                   n: int, k: int, seed: int, backend: str, device: torch.device | None
                   ) -> tuple[list[dict[str, Any]], DatasetMiningStats]:
     """Search, filter and choose negatives for one dataset; returns manifest rows and its statistics."""
@@ -477,7 +185,7 @@ def _mine_dataset(ds: _Dataset, q: torch.Tensor, c: torch.Tensor, *, strategy: S
     return rows, stats
 
 
-def _mined_samples(ds: _Dataset, rows: list[dict[str, Any]]):
+def _mined_samples(ds: DatasetCorpus, rows: list[dict[str, Any]]):
     """The dataset's samples with their negatives replaced by the mined ones, ready for ``write_shards``."""
     index = {cand.cid: cand for cand in ds.corpus}
     for dec, row in zip(ds.samples, rows):
@@ -495,12 +203,6 @@ def _mined_samples(ds: _Dataset, rows: list[dict[str, Any]]):
         meta = {**s.meta, "mined_negatives": {k: row[k] for k in ("strategy", "window", "ranks", "raw_ranks")}}
         yield Sample(id=s.id, dataset=s.dataset, task=s.task, meta_task=s.meta_task, query=s.query,
                      positive=s.positive, negatives=negatives, meta=meta), images
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # -------------------------------------------------------------------------------------------------------- entry
@@ -578,27 +280,15 @@ def mine_hard_negatives(
     out = Path(out_dir)
     counter = SkipCounter("mining")
     urls = expand_urls(shards) if isinstance(shards, str | os.PathLike) else expand_urls([str(s) for s in shards])
-    datasets = _collect(urls, counter)
+    datasets = collect_datasets(urls, counter)
     t_read = time.perf_counter()
 
     index = _open_corpus_index(corpus_index, embedder) if corpus_index is not None else None
-    block_size = batch_size * BLOCK_BATCHES
-    blocks = _blocks(datasets, block_size, roles=("query",) if index is not None else _ROLES)
-    mine = [b for b in range(len(blocks)) if b % world_size == rank]
-    show = len(mine) > 8 if show_progress is None else show_progress
-    embedded = _embed_blocks(embedder, datasets, blocks, mine, batch_size, show)
-    if world_size > 1:
-        fingerprint = _fingerprint(embedder, datasets, block_size, world_size)
-        if rank != 0:
-            path = _part_path(out, rank, world_size)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save({"fingerprint": fingerprint, "blocks": embedded}, tmp)
-            os.replace(tmp, path)  # atomic: rank 0 never reads a half-written part
-            log.info("rank %d/%d: embedded %d blocks -> %s", rank, world_size, len(mine), path)
-            return None
-        embedded = _gather_parts(out, world_size, fingerprint, embedded, part_timeout_s)
-    emb = _assemble(datasets, blocks, embedded)
+    emb = embed_datasets(embedder, datasets, out, batch_size=batch_size, world_size=world_size, rank=rank,
+                         roles=("query",) if index is not None else ROLES, part_timeout_s=part_timeout_s,
+                         show_progress=show_progress, description="embedding for mining")
+    if emb is None:  # a rank other than 0: its blocks are in out/tmp for rank 0
+        return None
     if index is not None:
         for name, ds in datasets.items():
             try:
@@ -636,7 +326,7 @@ def mine_hard_negatives(
         stats[name].shards = paths
         all_shards.extend(paths)
     manifest = out / "manifest.jsonl"
-    _write_atomic(manifest, "".join(json.dumps(row, sort_keys=True) + "\n"
+    write_atomic(manifest, "".join(json.dumps(row, sort_keys=True) + "\n"
                                     for rows in rows_by_ds.values() for row in rows))
     t_end = time.perf_counter()
 
@@ -648,10 +338,10 @@ def mine_hard_negatives(
         world_size=world_size, queries=queries, datasets=stats, skipped=counter.as_dict(),
         timing={key: round(v, 3) for key, v in timing.items()},
         queries_per_s=round(queries / max(timing["total_s"], 1e-9), 2), manifest=str(manifest), shards=all_shards)
-    _write_atomic(out / "summary.json", json.dumps(summary.to_json(), indent=2, sort_keys=True) + "\n")
+    write_atomic(out / "summary.json", json.dumps(summary.to_json(), indent=2, sort_keys=True) + "\n")
     if world_size > 1:
         for r in range(1, world_size):
-            _part_path(out, r, world_size).unlink(missing_ok=True)
+            part_path(out, r, world_size).unlink(missing_ok=True)
         if not any((out / "tmp").iterdir()):
             (out / "tmp").rmdir()
     log.info("mining: %d queries in %.1fs (%.1f queries/s; embedding %.1fs) -> %s", queries, timing["total_s"],

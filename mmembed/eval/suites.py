@@ -1,4 +1,5 @@
-"""The public benchmark lists as data: which subset belongs to which meta-task / collection, and which are OOD.
+"""The public benchmark suites as data (subset lists, not speed scripts -- those are in the top-level benchmarks/):
+which subset belongs to which meta-task / collection, and which are OOD.
 
 MMEB (image part, 36 subsets) and VisDoc (24 sets) as the public MMEB / VLM2Vec-V2 evaluation defines them
 (paper §5.1, Tables 3-4). The runners look names up here to group scores; a set that is not on a public list (the

@@ -1,4 +1,5 @@
-"""What the MMEB and VisDoc runners share: result types, E+R reranking, run/qrels files, metrics.json, the bar chart.
+"""What the MMEB, VisDoc and Table 5 runners share (their results, not a runner): result types, E+R reranking,
+run/qrels files, metrics.json, the bar chart.
 
 Scores are reported **x100** (percent), as in the paper's Tables 3-4: a Precision@1 of 0.634 is stored as 63.4. Every
 aggregate is a plain mean over *sets* (subsets), as the public leaderboards compute them: a meta-task / collection

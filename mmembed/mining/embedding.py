@@ -1,0 +1,174 @@
+"""Embedding the corpora and queries of a collection, shared out across ranks (mining and judge curation).
+
+Work is cut into fixed-size blocks (``batch_size * BLOCK_BATCHES`` items per role and dataset, items ordered by size)
+that are encoded the same way whatever the world size; block ``b`` belongs to rank ``b % world_size``. Ranks other
+than 0 write their blocks to a part file; rank 0 waits for the parts, checks they belong to the same split, merges
+them and puts the rows back in list order. :func:`embed_datasets` does all of it; mining and curation call it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image
+from rich.progress import track
+
+from mmembed.types import Item
+
+if TYPE_CHECKING:
+    from mmembed.mining.corpus import DatasetCorpus
+
+log = logging.getLogger(__name__)
+
+#: Encode calls are made on blocks of ``batch_size * BLOCK_BATCHES`` items: big enough for the embedder's
+#: length-sorted batching to save padding, and the unit that ranks share out.
+BLOCK_BATCHES = 8
+ROLES = ("candidate", "query")
+
+def size_key(item: Item) -> tuple[int, int]:
+    """Cheap length proxy (image pixels, text characters): sorting by it puts items of like cost in one block."""
+    image = item.image
+    area = 0 if image is None else (image.size[0] * image.size[1] if isinstance(image, Image.Image) else 1)
+    return area, len(item.text or "")
+
+
+def embedding_order(items: list[Item]) -> list[int]:
+    """The order a role's items are embedded in: by size, so a block (and each batch in it) holds items of similar
+    length and pads little; stable, so every rank and every world size derives the same order."""
+    return sorted(range(len(items)), key=lambda i: size_key(items[i]))
+
+
+def work_blocks(datasets: dict[str, DatasetCorpus], block_size: int,
+            roles: Sequence[str] = ROLES) -> list[tuple[str, str, int, int]]:
+    """The work blocks ``(dataset, role, start, stop)`` in a fixed order; block ``b`` belongs to rank ``b % world``."""
+    out = []
+    for name, ds in datasets.items():
+        for role in roles:
+            total = len(ds.corpus) if role == "candidate" else len(ds.unique_queries)
+            out.extend((name, role, s, min(s + block_size, total)) for s in range(0, total, block_size))
+    return out
+
+
+def model_fingerprint(embedder: Any) -> str:
+    """A hash of a few values of every parameter of ``embedder.module``: tells two models' embeddings apart.
+
+    Cheap even for a 1B model, and enough to tell a stale file left by a run with other weights from this run's.
+    Empty string for an embedder without a torch module (e.g. a test double).
+    """
+    module = getattr(embedder, "module", None)
+    if not isinstance(module, torch.nn.Module):
+        return ""
+    h = hashlib.sha1()
+    with torch.no_grad():
+        for pname, p in module.named_parameters():
+            flat = p.detach().flatten()
+            probe = torch.cat([flat[:8], flat[-8:]]).float().cpu().numpy()
+            h.update(f"{pname}{tuple(p.shape)}".encode() + probe.tobytes())
+    return h.hexdigest()
+
+
+def split_fingerprint(embedder: Any, datasets: dict[str, DatasetCorpus], block_size: int, world_size: int) -> str:
+    """Identifies the work split, so a merge never mixes parts from another input, split or model.
+
+    The model enters through a few values of every parameter: cheap even for a 1B model, and enough to tell a
+    stale part left by a crashed run with other weights from this run's.
+    """
+    h = hashlib.sha1(f"{block_size}/{world_size}".encode())
+    h.update(model_fingerprint(embedder).encode())
+    for name, ds in datasets.items():
+        h.update(name.encode())
+        h.update("\n".join(c.cid + c.key for c in ds.corpus).encode())
+        h.update("\n".join(d.sample.id for d in ds.samples).encode())
+    return h.hexdigest()
+
+
+def embed_blocks(embedder: Any, datasets: dict[str, DatasetCorpus], blocks: list[tuple[str, str, int, int]],
+                 mine: list[int], batch_size: int, show_progress: bool,
+                 description: str = "embedding") -> dict[int, torch.Tensor]:
+    items = {(name, role): ds.items(role) for name, ds in datasets.items() for role in ROLES}
+    order = {key: embedding_order(its) for key, its in items.items()}
+    it = track(mine, description=description) if show_progress else mine
+    out = {}
+    for b in it:
+        name, role, start, stop = blocks[b]
+        block = [items[name, role][i] for i in order[name, role][start:stop]]
+        out[b] = embedder.encode(block, role=role, batch_size=batch_size, show_progress=False)
+    return out
+
+
+def part_path(out_dir: Path, rank: int, world_size: int) -> Path:
+    return out_dir / "tmp" / f"part-{rank:03d}-of-{world_size:03d}.pt"
+
+
+def gather_parts(out_dir: Path, world_size: int, fingerprint: str, own: dict[int, torch.Tensor],
+                  timeout_s: float, poll_s: float = 2.0) -> dict[int, torch.Tensor]:
+    """Rank 0: wait for the other ranks' part files, check they belong to this run and merge them."""
+    merged = dict(own)
+    deadline = time.monotonic() + timeout_s
+    for r in range(1, world_size):
+        path = part_path(out_dir, r, world_size)
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {r}'s embeddings {path} did not appear within {timeout_s:.0f}s; "
+                                   "run that rank (same shards, batch_size and world_size) or raise part_timeout_s")
+            time.sleep(poll_s)
+        part = torch.load(path, map_location="cpu", weights_only=True)
+        if part["fingerprint"] != fingerprint:
+            raise ValueError(f"{path} was written for other shards, model, batch_size or world_size; delete "
+                             f"{path.parent} and rerun every rank")
+        merged.update(part["blocks"])
+    return merged
+
+
+def assemble(datasets: dict[str, DatasetCorpus], blocks: list[tuple[str, str, int, int]],
+              embedded: dict[int, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
+    missing = [b for b in range(len(blocks)) if b not in embedded]
+    if missing:
+        raise RuntimeError(f"{len(missing)} embedding blocks are missing after the merge (first: {blocks[missing[0]]})")
+    pieces: dict[tuple[str, str], list[torch.Tensor]] = {}
+    for b, (name, role, _, _) in enumerate(blocks):
+        pieces.setdefault((name, role), []).append(embedded[b])
+    out = {}
+    for (name, role), parts in pieces.items():
+        ds, ordered = datasets[name], torch.cat(parts)
+        emb = torch.empty_like(ordered)
+        emb[torch.tensor(embedding_order(ds.items(role)), dtype=torch.long)] = ordered  # back to list order
+        out[name, role] = emb[torch.tensor(ds.query_index, dtype=torch.long)] if role == "query" else emb
+    return out
+
+
+def embed_datasets(embedder: Any, datasets: dict[str, DatasetCorpus], parts_dir: str | os.PathLike, *,
+                   batch_size: int, world_size: int = 1, rank: int = 0, roles: Sequence[str] = ROLES,
+                   fingerprint_extra: str = "", part_timeout_s: float = 3600.0, show_progress: bool | None = None,
+                   description: str = "embedding") -> dict[tuple[str, str], torch.Tensor] | None:
+    """Embed every dataset's ``roles`` (queries and/or corpus), shared out across ranks.
+
+    Returns:
+        On rank 0, ``{(dataset, role): (N, D) embeddings}`` in list order (queries: one row per sample);
+        ``None`` on the other ranks, whose blocks are left in ``parts_dir`` for rank 0 to merge.
+    """
+    block_size = batch_size * BLOCK_BATCHES
+    blocks = work_blocks(datasets, block_size, roles=roles)
+    mine = [b for b in range(len(blocks)) if b % world_size == rank]
+    show = len(mine) > 8 if show_progress is None else show_progress
+    embedded = embed_blocks(embedder, datasets, blocks, mine, batch_size, show, description=description)
+    if world_size > 1:
+        fingerprint = split_fingerprint(embedder, datasets, block_size, world_size) + fingerprint_extra
+        parts = Path(parts_dir)
+        if rank != 0:
+            path = part_path(parts, rank, world_size)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save({"fingerprint": fingerprint, "blocks": embedded}, tmp)
+            os.replace(tmp, path)  # atomic: rank 0 never reads a half-written part
+            log.info("rank %d/%d: embedded %d blocks -> %s", rank, world_size, len(mine), path)
+            return None
+        embedded = gather_parts(parts, world_size, fingerprint, embedded, part_timeout_s)
+    return assemble(datasets, blocks, embedded)
