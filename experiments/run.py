@@ -2,7 +2,12 @@
 
 Tasks (``task=``): ``train`` (fit the configured module, evaluate before/after through the callbacks, save the
 Embedder), ``mine`` (global hard-negative mining of ``mining.shards``), ``hnm`` (mine with ``mining.checkpoint``,
-then train on the mined shards), ``eval`` (evaluate the backbone's model on the configured eval callbacks' sets).
+then train on the mined shards, starting from that same warm-up model), ``eval`` (evaluate the backbone's model on the
+configured eval callbacks' sets), ``pipeline`` (the paper's stage graph, see experiments/stages.py).
+
+Every run starts from ``init_from`` when set (an exported model folder; else the backbone preset). A task that needs
+an earlier stage and is not given it (``task=hnm`` without ``mining.checkpoint``) builds or reuses that stage in the
+content-keyed stage store (``pipeline.store``) first.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # datamodules/ and callbacks/ live next to mmembed/ (also installed by pip -e .)
     sys.path.insert(0, str(ROOT))
 
-TASKS = ("train", "mine", "hnm", "eval")
+TASKS = ("train", "mine", "hnm", "eval", "pipeline")
 
 
 def instantiate(cfg, **kwargs):
@@ -60,18 +65,28 @@ def validate(cfg: DictConfig) -> None:
         OmegaConf.update(cfg, "trainer.gradient_clip_val", None)
     if cfg.data.get("num_hard_negatives", 0) < 0:
         raise ConfigError("data.num_hard_negatives must be >= 0")
-    if cfg.task == "hnm" and not cfg.mining.checkpoint:
-        raise ConfigError("task=hnm needs mining.checkpoint=<embedder folder> (e.g. the stage2_warmup run's embedder)")
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; point at <run>/checkpoints/last.ckpt")
     if cfg.mining.checkpoint and not Path(cfg.mining.checkpoint).is_dir():
-        raise ConfigError(f"mining.checkpoint={cfg.mining.checkpoint} is not a folder; train stage2_warmup first")
+        raise ConfigError(f"mining.checkpoint={cfg.mining.checkpoint} is not a folder; train stage2_warmup first "
+                          "(or leave it unset: the warm-up is then built or reused automatically)")
+    if cfg.get("init_from") and not (Path(cfg.init_from) / "config.json").is_file():
+        raise ConfigError(f"init_from={cfg.init_from} is not an exported model folder (no config.json); point at "
+                          "<run>/embedder or leave it null to start from the backbone preset")
+
+
+def apply_init_from(cfg: DictConfig) -> None:
+    """``init_from`` (an exported folder) becomes the backbone's ``name_or_path``: the stage starts from it, and a
+    fresh LoRA adapter (``backbone.finetune``) is put on the merged weights it holds."""
+    if cfg.get("init_from"):
+        OmegaConf.update(cfg, "backbone.name_or_path", str(cfg.init_from))
 
 
 def ensure_synthetic_world(cfg: DictConfig) -> None:
     """Generate the synthetic world when the configured data points into it and it does not exist yet."""
     root = Path(cfg.synth.dir)
-    uses_synth = str(root) in str(cfg.data.get("train_shards", "")) or any(
+    data_paths = str(cfg.data.get("train_shards", "")) + str(cfg.data.get("data_path", ""))
+    uses_synth = str(root) in data_paths or cfg.task == "pipeline" or any(
         str(root) in str(c.get("data", "")) for c in (cfg.get("callbacks") or {}).values() if c)
     if not uses_synth or (root / "manifest.json").is_file():
         return
@@ -81,16 +96,25 @@ def ensure_synthetic_world(cfg: DictConfig) -> None:
     generate(root, seed=cfg.synth.seed, size=cfg.synth.size, overwrite=True)
 
 
-def _logger(cfg: DictConfig):
-    if not cfg.get("logger"):
-        return None
+def _in_sweep() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _logger(cfg: DictConfig, parent_run_id: str | None = None, standalone: bool = False):
+    """The configured logger; a child of ``parent_run_id`` when given, else of the sweep's parent in a ``-m`` run
+    (unless ``standalone``: a prerequisite stage built during a sweep is not one of its points)."""
+    if not cfg.get("logger"):
+        return None
+    from hydra.core.hydra_config import HydraConfig
+
     kw: dict[str, Any] = {}
-    hc = HydraConfig.get()
-    if hc.mode == RunMode.MULTIRUN:
-        kw["sweep_dir"] = hc.sweep.dir
+    if parent_run_id is not None:
+        kw["parent_run_id"] = parent_run_id
+    elif _in_sweep() and not standalone:
+        kw["sweep_dir"] = HydraConfig.get().sweep.dir
     return instantiate(cfg.logger, **kw)
 
 
@@ -120,6 +144,13 @@ def _swept_param(cfg: DictConfig) -> str | None:
 
 def train(cfg: DictConfig, train_shards: str | None = None) -> dict[str, float]:
     """Fit the module; returns the final callback metrics."""
+    return fit(cfg, train_shards)[0]
+
+
+def fit(cfg: DictConfig, train_shards: str | None = None, parent_run_id: str | None = None,
+        standalone: bool = False) -> tuple[dict[str, float], dict[str, tuple[float | None, float]]]:
+    """Fit the module (resuming from ``ckpt_path`` when set); returns the final callback metrics and the
+    ``{metric: (before, after)}`` rows of the eval callbacks (before = the model the stage started from)."""
     import lightning as L
     import torch
 
@@ -131,7 +162,7 @@ def train(cfg: DictConfig, train_shards: str | None = None) -> dict[str, float]:
     module = instantiate(cfg.module, backbone=backbone)
     data_kw = {"train_shards": train_shards} if train_shards else {}
     datamodule = instantiate(cfg.data, **data_kw)
-    logger = _logger(cfg)
+    logger = _logger(cfg, parent_run_id, standalone)
     callbacks = _callbacks(cfg, has_logger=logger is not None)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger or False)
     if logger is not None and trainer.is_global_zero:
@@ -140,6 +171,7 @@ def train(cfg: DictConfig, train_shards: str | None = None) -> dict[str, float]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["time/fit_s"] = time.perf_counter() - t0
+    rows = before_after(callbacks)
     if trainer.is_global_zero:
         if cfg.save_embedder:
             path = module.embedder().save_pretrained(Path(cfg.paths.output_dir) / "embedder")
@@ -148,12 +180,12 @@ def train(cfg: DictConfig, train_shards: str | None = None) -> dict[str, float]:
                 logger.experiment.log_param(logger.run_id, "embedder_path", str(path))
         if logger is not None:
             logger.log_metrics({"time/fit_s": metrics["time/fit_s"]})
-            _summarize_if_sweep(cfg, logger)
-        rows = before_after(callbacks)
+            if parent_run_id is None and not standalone:
+                _summarize_if_sweep(cfg, logger)
         print_results(rows)
         print(f"fit took {metrics['time/fit_s']:.1f}s; outputs in {cfg.paths.output_dir}; MLflow UI: "
               f"mlflow ui --backend-store-uri sqlite:///{Path(cfg.paths.log_dir) / 'mlflow.db'}")
-    return metrics
+    return metrics, rows
 
 
 def _summarize_if_sweep(cfg: DictConfig, logger) -> None:
@@ -187,7 +219,7 @@ def print_results(rows: dict[str, tuple[float | None, float]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="results (before = untrained, after = end of training)")
+    table = Table(title="results (before = the model the run started from, after = end of training)")
     for col in ("metric", "before", "after"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for k in sorted(rows):
@@ -223,6 +255,18 @@ def main(cfg: DictConfig) -> dict[str, float] | None:
         print(f"config error: {e.msg}", file=sys.stderr)
         raise
     ensure_synthetic_world(cfg)
+    if cfg.task == "pipeline":
+        import stages  # experiments/stages.py (next to this file)
+
+        return stages.run_pipeline(cfg, fit=fit, mine=mine)
+    if cfg.task == "hnm" and not cfg.mining.checkpoint:
+        import stages
+
+        # Prerequisite on demand: the warm-up model (built once per config in the stage store, then reused).
+        warmup = stages.prerequisite(cfg, "warmup", fit=fit, mine=mine)
+        OmegaConf.update(cfg, "mining.checkpoint", str(warmup.output("model")))
+        print(f"mining with and continuing from the warm-up model {cfg.mining.checkpoint}")
+    apply_init_from(cfg)
     if cfg.task == "train":
         return train(cfg)
     if cfg.task == "mine":
