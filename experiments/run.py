@@ -90,10 +90,16 @@ def ensure_synthetic_world(cfg: DictConfig) -> None:
         str(root) in str(c.get("data", "")) for c in (cfg.get("callbacks") or {}).values() if c)
     if not uses_synth or (root / "manifest.json").is_file():
         return
+    from filelock import FileLock
+
     from mmembed.data.synth import generate
 
-    print(f"generating the synthetic world ({cfg.synth.size}, seed {cfg.synth.seed}) into {root} ...")
-    generate(root, seed=cfg.synth.seed, size=cfg.synth.size, overwrite=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):  # concurrent runs (parallel sweeps) generate it once
+        if (root / "manifest.json").is_file():
+            return
+        print(f"generating the synthetic world ({cfg.synth.size}, seed {cfg.synth.seed}) into {root} ...")
+        generate(root, seed=cfg.synth.seed, size=cfg.synth.size, overwrite=True)
 
 
 def _in_sweep() -> bool:
