@@ -234,9 +234,7 @@ def judge(pipe: Pipeline, deps: Mapping[str, StageResult]) -> StageResult | None
         pipe.skip("judge", "no judge model: set pipeline.judge.model=<MLLM folder> (or keep stage1 enabled)")
         return None
     retriever = deps["hnm"].output("model")
-    shards = OmegaConf.select(s.cfg, "data.train_shards") if s.cfg.data.get("train_shards") else None
-    if shards is None:
-        shards = compose_stage(s, "judge", s.cfg.pipeline.exp.warmup).data.train_shards
+    shards = compose_stage(s, "judge", s.cfg.pipeline.exp.warmup).data.train_shards  # stage 2's training data
     ident = {"judge": OmegaConf.to_container(jc, resolve=True), "shards": str(shards), "seed": s.cfg.seed}
 
     def build(ctx):
