@@ -28,7 +28,8 @@ def _compose(tmp_path: Path, overrides: list[str]):
 
 
 def test_experiment_list_is_complete():
-    expected = {"quickstart", "stage1_restoration", "stage2_warmup", "stage2_hnm", "pipeline", "pipeline_smoke", *(f"ablation_hn{n}" for n in (0, 4, 8, 12, 16, 20)),
+    expected = {"quickstart", "stage1_restoration", "stage2_warmup", "stage2_hnm", "pipeline", "pipeline_smoke",
+                *(f"ablation_hn{n}" for n in (0, 4, 8, 12, 16, 20)),
                 *(f"ablation_lora_r{r}" for r in (8, 16, 32)), *(f"ablation_vtc{s}" for s in (1, 2, 4))}
     assert expected <= set(EXPS)
 
