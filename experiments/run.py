@@ -2,7 +2,12 @@
 
 Tasks (``task=``): ``train`` (fit the configured module, evaluate before/after through the callbacks, save the
 Embedder), ``mine`` (global hard-negative mining of ``mining.shards``), ``hnm`` (mine with ``mining.checkpoint``,
-then train on the mined shards), ``eval`` (evaluate the backbone's model on the configured eval callbacks' sets).
+then train on the mined shards, starting from that same warm-up model), ``eval`` (evaluate the backbone's model on the
+configured eval callbacks' sets), ``pipeline`` (the paper's stage graph, see experiments/stages.py).
+
+Every run starts from ``init_from`` when set (an exported model folder; else the backbone preset). A task that needs
+an earlier stage and is not given it (``task=hnm`` without ``mining.checkpoint``) builds or reuses that stage in the
+content-keyed stage store (``pipeline.store``) first.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # datamodules/ and callbacks/ live next to mmembed/ (also installed by pip -e .)
     sys.path.insert(0, str(ROOT))
 
-TASKS = ("train", "mine", "hnm", "eval")
+TASKS = ("train", "mine", "hnm", "eval", "pipeline")
 
 
 def instantiate(cfg, **kwargs):
@@ -137,12 +142,14 @@ def validate(cfg: DictConfig) -> None:
         OmegaConf.update(cfg, "trainer.gradient_clip_val", None)
     if cfg.data.get("num_hard_negatives", 0) < 0:
         raise ConfigError("data.num_hard_negatives must be >= 0")
-    if cfg.task == "hnm" and not cfg.mining.checkpoint:
-        raise ConfigError("task=hnm needs mining.checkpoint=<embedder folder> (e.g. the stage2_warmup run's embedder)")
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; point at <run>/checkpoints/last.ckpt")
     if cfg.mining.checkpoint and not Path(cfg.mining.checkpoint).is_dir():
-        raise ConfigError(f"mining.checkpoint={cfg.mining.checkpoint} is not a folder; train stage2_warmup first")
+        raise ConfigError(f"mining.checkpoint={cfg.mining.checkpoint} is not a folder; train stage2_warmup first "
+                          "(or leave it unset: the warm-up is then built or reused automatically)")
+    if cfg.get("init_from") and not (Path(cfg.init_from) / "config.json").is_file():
+        raise ConfigError(f"init_from={cfg.init_from} is not an exported model folder (no config.json); point at "
+                          "<run>/embedder or leave it null to start from the backbone preset")
     uri = (cfg.get("logger") or {}).get("tracking_uri")
     if uri:  # before any data is generated: a server that is down fails here, in seconds
         from mmembed.tracking import check_server
@@ -153,26 +160,47 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"logger.tracking_uri: {e}") from None
 
 
+def apply_init_from(cfg: DictConfig) -> None:
+    """``init_from`` (an exported folder) becomes the backbone's ``name_or_path``: the stage starts from it, and a
+    fresh LoRA adapter (``backbone.finetune``) is put on the merged weights it holds."""
+    if cfg.get("init_from"):
+        OmegaConf.update(cfg, "backbone.name_or_path", str(cfg.init_from))
+
+
 def ensure_synthetic_world(cfg: DictConfig) -> None:
     """Generate the synthetic world when the configured data points into it and it does not exist yet."""
     root = Path(cfg.synth.dir)
-    uses_synth = str(root) in str(cfg.data.get("train_shards", "")) or any(
+    data_paths = str(cfg.data.get("train_shards", "")) + str(cfg.data.get("data_path", ""))
+    uses_synth = str(root) in data_paths or cfg.task == "pipeline" or any(
         str(root) in str(c.get("data", "")) for c in (cfg.get("callbacks") or {}).values() if c)
     if not uses_synth or (root / "manifest.json").is_file():
         return
+    from filelock import FileLock
+
     from mmembed.data.synth import generate
 
-    print(f"generating the synthetic world ({cfg.synth.size}, seed {cfg.synth.seed}) into {root} ...")
-    generate(root, seed=cfg.synth.seed, size=cfg.synth.size, overwrite=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):  # concurrent runs (parallel sweeps) generate it once
+        if (root / "manifest.json").is_file():
+            return
+        print(f"generating the synthetic world ({cfg.synth.size}, seed {cfg.synth.seed}) into {root} ...")
+        generate(root, seed=cfg.synth.seed, size=cfg.synth.size, overwrite=True)
 
 
-def _logger(cfg: DictConfig):
-    """The configured logger; for the MLflow logger also: a sweep job's run is a child named by its point, and a
-    resumed run continues the MLflow run recorded in its checkpoint."""
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _logger(cfg: DictConfig, parent_run_id: str | None = None, standalone: bool = False):
+    """The configured logger. For the MLflow logger also: a resumed run continues the MLflow run recorded in its
+    checkpoint; a pipeline stage is a child of ``parent_run_id``; a sweep job's run is a child of the sweep's parent,
+    named by its point (unless ``standalone``: a prerequisite stage built during a sweep is not one of its points)."""
     if not cfg.get("logger"):
         return None
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
     from callbacks.sweep import mlflow_settings
 
@@ -184,8 +212,10 @@ def _logger(cfg: DictConfig):
         kw["run_id"] = saved_mlflow_run_id(cfg.ckpt_path)
         if kw["run_id"]:
             print(f"resuming MLflow run {kw['run_id']} (recorded in {cfg.ckpt_path})")
-    hc = HydraConfig.get()
-    if hc.mode == RunMode.MULTIRUN and not kw.get("run_id"):
+    if parent_run_id is not None and not kw.get("run_id"):
+        kw["parent_run_id"] = parent_run_id
+    elif _in_sweep() and not standalone and not kw.get("run_id"):
+        hc = HydraConfig.get()
         kw["sweep_dir"] = hc.sweep.dir
         if settings is not None:
             from mmembed import tracking
@@ -212,6 +242,13 @@ def _callbacks(cfg: DictConfig, has_logger: bool = True) -> list:
 
 def train(cfg: DictConfig, train_shards: str | None = None) -> dict[str, float]:
     """Fit the module; returns the final callback metrics."""
+    return fit(cfg, train_shards)[0]
+
+
+def fit(cfg: DictConfig, train_shards: str | None = None, parent_run_id: str | None = None,
+        standalone: bool = False) -> tuple[dict[str, float], dict[str, tuple[float | None, float]]]:
+    """Fit the module (resuming from ``ckpt_path`` when set); returns the final callback metrics and the
+    ``{metric: (before, after)}`` rows of the eval callbacks (before = the model the stage started from)."""
     import lightning as L
     import torch
     from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -221,7 +258,7 @@ def train(cfg: DictConfig, train_shards: str | None = None) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     # The run exists (and is recorded) before anything heavy can fail, so a failed point shows as a FAILED run.
-    logger = _logger(cfg)
+    logger = _logger(cfg, parent_run_id, standalone)
     is_zero = rank_zero_only.rank == 0
     if logger is not None and is_zero:
         log_config(logger, OmegaConf.to_container(cfg, resolve=True), experiment=cfg.exp_name)
@@ -240,6 +277,7 @@ def train(cfg: DictConfig, train_shards: str | None = None) -> dict[str, float]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         metrics["time/fit_s"] = time.perf_counter() - t0
+        rows = before_after(callbacks)
         if trainer.is_global_zero:
             if cfg.save_embedder:
                 path = module.embedder().save_pretrained(Path(cfg.paths.output_dir) / "embedder")
@@ -248,7 +286,6 @@ def train(cfg: DictConfig, train_shards: str | None = None) -> dict[str, float]:
                     log_params(logger, {"embedder_path": path})
             if logger is not None:
                 logger.log_metrics({"time/fit_s": metrics["time/fit_s"]})
-            rows = before_after(callbacks)
             print_results(rows)
             print(f"fit took {metrics['time/fit_s']:.1f}s; outputs in {cfg.paths.output_dir}; MLflow UI: "
                   f"mlflow ui --backend-store-uri sqlite:///{Path(cfg.paths.log_dir) / 'mlflow.db'}")
@@ -256,7 +293,7 @@ def train(cfg: DictConfig, train_shards: str | None = None) -> dict[str, float]:
         if logger is not None and is_zero:
             end_run(logger, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", f"{type(e).__name__}: {e}")
         raise
-    return metrics
+    return metrics, rows
 
 
 def before_after(callbacks: list) -> dict[str, tuple[float | None, float]]:
@@ -276,7 +313,7 @@ def print_results(rows: dict[str, tuple[float | None, float]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="results (before = untrained, after = end of training)")
+    table = Table(title="results (before = the model the run started from, after = end of training)")
     for col in ("metric", "before", "after"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for k in sorted(rows):
@@ -325,6 +362,18 @@ def main(cfg: DictConfig) -> dict[str, float] | None:
 def run_task(cfg: DictConfig) -> dict[str, float] | None:
     """Run the configured task on a validated config."""
     ensure_synthetic_world(cfg)
+    if cfg.task == "pipeline":
+        import stages  # experiments/stages.py (next to this file)
+
+        return stages.run_pipeline(cfg, fit=fit, mine=mine)
+    if cfg.task == "hnm" and not cfg.mining.checkpoint:
+        import stages
+
+        # Prerequisite on demand: the warm-up model (built once per config in the stage store, then reused).
+        warmup = stages.prerequisite(cfg, "warmup", fit=fit, mine=mine)
+        OmegaConf.update(cfg, "mining.checkpoint", str(warmup.output("model")))
+        print(f"mining with and continuing from the warm-up model {cfg.mining.checkpoint}")
+    apply_init_from(cfg)
     if cfg.task == "train":
         return train(cfg)
     if cfg.task == "mine":

@@ -851,3 +851,90 @@ def _plot_sweep(points: pd.DataFrame, param: str, metrics: list[str], path: Path
     runs = f"mean \u00b1 std over up to {int(points['runs'].max())} runs per point" if repeated else "one run per point"
     fig.suptitle(f"{param} ({runs})", fontsize=10)
     fig.savefig(path, dpi=100)
+
+
+# --------------------------------------------------------------------------------------------------- pipelines
+PIPELINE_TAG = "mmembed.pipeline"
+STAGE_TAG = "mmembed.stage"
+
+
+def start_pipeline_run(experiment_name: str, run_name: str, tracking_uri: str | None = None,
+                       output_dir: str | Path = "outputs", tags: Mapping[str, Any] | None = None) -> str:
+    """Create the parent run of one pipeline execution (its stages become children); returns its id."""
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+    uri = tracking_uri or default_tracking_uri(output_dir)
+    client = _client(uri)
+    location = default_artifact_location(output_dir, experiment_name) if is_local_store(uri) else None
+    exp_id = get_or_create_experiment(client, experiment_name, location)
+    run_tags = {PIPELINE_TAG: "true", MLFLOW_RUN_NAME: run_name, **{str(k): str(v) for k, v in (tags or {}).items()}}
+    commit = git_commit()
+    if commit:
+        run_tags[GIT_COMMIT_TAG] = commit
+    return client.create_run(exp_id, tags=run_tags).info.run_id
+
+
+def log_reused_stage(parent_run_id: str, stage: str, metrics: Mapping[str, float], folder: str | Path,
+                     tracking_uri: str | None = None) -> str:
+    """A child run standing for a stage this pipeline reused (not rebuilt): its recorded metrics, its folder."""
+    from mlflow.entities import Metric, RunTag
+
+    client = _client(tracking_uri)
+    exp_id = client.get_run(parent_run_id).info.experiment_id
+    tags = {PARENT_RUN_TAG: parent_run_id, RUN_NAME_TAG: f"{stage} (reused)", STAGE_TAG: stage,
+            "mmembed.stage.reused": "true", "mmembed.stage.folder": str(folder)}
+    run_id = client.create_run(exp_id, tags=tags).info.run_id
+    now = int(time.time() * 1000)
+    points = [Metric(sanitize_key(k), float(v), now, 0) for k, v in metrics.items()
+              if isinstance(v, int | float) and math.isfinite(v)]
+    client.log_batch(run_id, metrics=points, tags=[RunTag(STAGE_TAG, stage)])
+    client.set_terminated(run_id)
+    return run_id
+
+
+def log_pipeline_summary(parent_run_id: str, frame: pd.DataFrame, metrics: Sequence[str],
+                         tracking_uri: str | None = None, artifact_path: str = "pipeline_summary",
+                         status: str = "FINISHED") -> None:
+    """Write a pipeline's step table (``summary.csv``, ``summary.md``) and a grouped bar chart (``summary.png``)
+    as artifacts of its parent run, log the last row's metrics on the parent, and end the parent with ``status``.
+
+    Args:
+        parent_run_id: The pipeline's parent run.
+        frame: One row per cumulative step: a ``step`` column, then one column per metric.
+        metrics: The metric columns to plot.
+        tracking_uri: Store URI.
+        artifact_path: Artifact folder on the parent.
+        status: Terminal status of the parent (``FINISHED`` / ``FAILED``).
+    """
+    client = _client(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        frame.to_csv(folder / "summary.csv", index=False)
+        (folder / "summary.md").write_text(markdown_table(frame), encoding="utf-8")
+        _plot_steps(frame, list(metrics), folder / "summary.png")
+        client.log_artifacts(parent_run_id, str(folder), artifact_path)
+    if len(frame):
+        last = frame.iloc[-1]
+        for m in metrics:
+            value = last.get(m)
+            if value is not None and isinstance(value, int | float) and math.isfinite(value):
+                client.log_metric(parent_run_id, sanitize_key(m), float(value))
+    client.set_terminated(parent_run_id, status=status)
+
+
+def _plot_steps(frame: pd.DataFrame, metrics: list[str], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(metrics))
+    x = list(range(len(frame)))
+    for j, m in enumerate(metrics):
+        ax.bar([i + (j - (len(metrics) - 1) / 2) * width for i in x], frame[m], width, label=m)
+    ax.set_xticks(x, [str(s) for s in frame["step"]], rotation=20, ha="right")
+    ax.set_ylabel("score")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)

@@ -28,7 +28,8 @@ def _compose(tmp_path: Path, overrides: list[str]):
 
 
 def test_experiment_list_is_complete():
-    expected = {"quickstart", "stage2_warmup", "stage2_hnm", *(f"ablation_hn{n}" for n in (0, 4, 8, 12, 16, 20)),
+    expected = {"quickstart", "stage1_restoration", "stage2_warmup", "stage2_hnm", "pipeline", "pipeline_smoke",
+                *(f"ablation_hn{n}" for n in (0, 4, 8, 12, 16, 20)),
                 *(f"ablation_lora_r{r}" for r in (8, 16, 32)), *(f"ablation_vtc{s}" for s in (1, 2, 4))}
     assert expected <= set(EXPS)
 
@@ -55,7 +56,8 @@ def test_exp_composes_and_instantiates(exp, tmp_path):
         assert cfg.backbone.vtc_factor == int(exp.removeprefix("ablation_vtc"))
         assert "vtc_factor" not in cfg.data  # the factor reaches the data only through backbone.input_builder
     dm = instantiate(cfg.data)
-    assert dm.num_hard_negatives == cfg.data.num_hard_negatives
+    if "num_hard_negatives" in cfg.data:  # contrastive data (stage 1 reads instruction conversations)
+        assert dm.num_hard_negatives == cfg.data.num_hard_negatives
     cbs = [instantiate(c) for c in cfg.callbacks.values()]
     assert {type(c).__name__ for c in cbs} >= {"MMEBEvalCallback", "VisDocEvalCallback"}
     instantiate(cfg.trainer, logger=False)

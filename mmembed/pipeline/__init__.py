@@ -1,0 +1,15 @@
+"""The paper's coarse-to-fine pipeline as a resumable stage graph (no Hydra here; see experiments/pipeline.py)."""
+
+from mmembed.pipeline.graph import PAPER_STAGES, REGISTRY, Pipeline, StageDef, register_stage
+from mmembed.pipeline.store import (
+    COMPLETE,
+    StageContext,
+    StageResult,
+    StageStore,
+    fingerprint,
+    read_complete,
+    stage_key,
+)
+
+__all__ = ["COMPLETE", "PAPER_STAGES", "REGISTRY", "Pipeline", "StageContext", "StageDef", "StageResult",
+           "StageStore", "fingerprint", "read_complete", "register_stage", "stage_key"]
