@@ -4,8 +4,8 @@ relevance questions, then measure the judge on held-out questions against the gr
 Steps: (1) write stage-1 conversations and judge questions (:mod:`mmembed.data.synth.judge_questions`) into
 ``--out/world/instruct`` (only these units of the world, so it is quick); (2) score the held-out questions with the
 untrained model; (3) train stage 1 (``RestorationModule`` + ``InstructionDataModule``, full fine-tuning) on the
-conversations and the training questions; (4) score the held-out questions again. Prints both metric sets and writes
-``--out/judge_metrics.json``.
+conversations and the training questions, save it to ``--out/stage1_judge``; (4) score the held-out questions again.
+Prints both metric sets and writes ``--out/judge_metrics.json``.
 
 Run from the repository root::
 
@@ -86,6 +86,11 @@ def main(argv: list[str] | None = None) -> dict:
     t_fit = time.perf_counter()
     trainer.fit(module, datamodule=data)
     fit_s = time.perf_counter() - t_fit
+    from mmembed.backbone.model import build_input_builder
+    from mmembed.embedder import Embedder
+
+    saved = Embedder(backbone.eval(), build_input_builder(args.preset)).save_pretrained(out / "stage1_judge")
+    print(f"stage-1 model saved to {saved} (load it with Judge.from_pretrained)")
     after = evaluate_judge(Judge(backbone.hf_model.eval(), processor), heldout)
     print("held-out judge metrics, after stage 1:", json.dumps(after))
     result = {"args": vars(args), "train_records": len(json.loads(train_file.read_text())), "before": before,
