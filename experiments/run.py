@@ -3,7 +3,9 @@
 Tasks (``task=``): ``train`` (fit the configured module, evaluate before/after through the callbacks, save the
 Embedder), ``mine`` (global hard-negative mining of ``mining.shards``), ``hnm`` (mine with ``mining.checkpoint``,
 then train on the mined shards, starting from that same warm-up model), ``eval`` (evaluate the backbone's model on the
-configured eval callbacks' sets), ``pipeline`` (the paper's stage graph, see experiments/stages.py).
+configured eval callbacks' sets), ``judge`` (stage-3 retrieve-and-judge curation of ``judge.shards``),
+``judge_ft`` (curate, then train on the curated shards), ``pipeline`` (the paper's stage graph, see
+experiments/stages.py).
 
 Every run starts from ``init_from`` when set (an exported model folder; else the backbone preset). A task that needs
 an earlier stage and is not given it (``task=hnm`` without ``mining.checkpoint``) builds or reuses that stage in the
@@ -29,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # datamodules/ and callbacks/ live next to mmembed/ (also installed by pip -e .)
     sys.path.insert(0, str(ROOT))
 
-TASKS = ("train", "mine", "hnm", "eval", "pipeline")
+TASKS = ("train", "mine", "hnm", "eval", "judge", "judge_ft", "pipeline")
 
 
 def instantiate(cfg, **kwargs):
@@ -144,6 +146,16 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("data.num_hard_negatives must be >= 0")
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; point at <run>/checkpoints/last.ckpt")
+    if cfg.task in ("judge", "judge_ft"):
+        j = cfg.judge
+        if j.strategy not in ("judge", "rule"):
+            raise ConfigError(f"judge.strategy={j.strategy!r} must be 'judge' or 'rule'")
+        if j.strategy == "judge" and not j.model:
+            raise ConfigError("judge.strategy=judge needs judge.model=<judge checkpoint folder> (any local "
+                              "image-text-to-text folder, or a kit stage-1 folder); or use judge.strategy=rule")
+        for key in ("model", "checkpoint"):
+            if j[key] and not Path(j[key]).is_dir():
+                raise ConfigError(f"judge.{key}={j[key]} is not a folder")
     if cfg.mining.checkpoint and not Path(cfg.mining.checkpoint).is_dir():
         raise ConfigError(f"mining.checkpoint={cfg.mining.checkpoint} is not a folder; train stage2_warmup first "
                           "(or leave it unset: the warm-up is then built or reused automatically)")
@@ -339,6 +351,40 @@ def mine(cfg: DictConfig, checkpoint: str | None = None) -> Path:
     return Path(m.out_dir) / "shards"
 
 
+def judge(cfg: DictConfig) -> Path:
+    """Stage-3 curation of ``judge.shards`` (retrieve top-K, judge, write shards); returns the curated shard folder.
+
+    The summary is also logged to MLflow as its own run when a logger is configured.
+    """
+    from mmembed import Embedder
+    from mmembed.judge import Judge
+    from mmembed.judge.curate import curate
+
+    j = cfg.judge
+    if j.checkpoint:
+        embedder = Embedder.from_pretrained(j.checkpoint)
+    else:  # the configured backbone, frozen (curation never trains)
+        embedder = Embedder(instantiate(cfg.backbone, finetune=None).eval())
+    judge_model = Judge.from_pretrained(j.model) if j.model else None
+    summary = curate(embedder, judge_model, j.shards, j.out_dir, k=j.retrieve_top_k, max_negatives=j.max_negatives,
+                     strategy=j.strategy, skip_datasets=list(j.skip_datasets), batch_size=j.batch_size,
+                     embed_batch_size=j.embed_batch_size, reuse_prefix=j.reuse_prefix, seed=cfg.seed,
+                     cache_dir=j.cache_dir)
+    t = summary.totals
+    print(f"curated shards in {j.out_dir}/shards: {summary.queries} queries, {t['negatives']} negatives, "
+          f"{t['extra_positives']} extra positives; planted false negatives caught {t['fn_caught']}, left as "
+          f"negatives: judge {t['fn_negative_judge']} vs rule {t['fn_negative_rule']} (n={summary.n})")
+    if cfg.get("logger") and "experiment_name" in cfg.logger:
+        from mmembed.tracking import log_summary
+
+        log_summary(summary.to_json(), experiment_name=cfg.logger.experiment_name,
+                    run_name=f"{cfg.exp_name}/curation", tracking_uri=cfg.logger.tracking_uri,
+                    output_dir=cfg.logger.output_dir,
+                    params={"judge": OmegaConf.to_container(j, resolve=True), "hard_negatives": cfg.hard_negatives},
+                    artifacts=[Path(j.out_dir) / "summary.json", Path(j.out_dir) / "manifest.jsonl"])
+    return Path(j.out_dir) / "shards"
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="run")
 def main(cfg: DictConfig) -> dict[str, float] | None:
     try:
@@ -382,6 +428,11 @@ def run_task(cfg: DictConfig) -> dict[str, float] | None:
     if cfg.task == "hnm":
         shards = mine(cfg)
         return train(cfg, train_shards=str(shards / "*.tar"))
+    if cfg.task == "judge":
+        judge(cfg)
+        return None
+    if cfg.task == "judge_ft":
+        return train(cfg, train_shards=str(judge(cfg) / "*.tar"))
     # task == eval: run the eval callbacks' runners once on the configured (untrained or loaded) model
     backbone = instantiate(cfg.backbone)
     module = instantiate(cfg.module, backbone=backbone)

@@ -437,6 +437,75 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def summary_metrics(summary: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a nested summary as ``a/b/c`` metric keys (booleans, strings, lists and None skipped)."""
+    out: dict[str, float] = {}
+    for key, value in summary.items():
+        full = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(summary_metrics(value, full))
+        elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            out[sanitize_key(full)] = float(value)
+    return out
+
+
+def log_summary(
+    summary: Mapping[str, Any],
+    *,
+    experiment_name: str = "mmembed",
+    run_name: str | None = None,
+    tracking_uri: str | None = None,
+    output_dir: str | Path = "outputs",
+    params: Mapping[str, Any] | None = None,
+    artifacts: Sequence[str | Path] = (),
+    tags: Mapping[str, Any] | None = None,
+    parent_run_id: str | None = None,
+) -> str:
+    """Record a tool's summary (mining, curation, ...) as its own MLflow run, not only as a file in a folder.
+
+    Args:
+        summary: The summary (e.g. ``CurationSummary.to_json()``); its numeric leaves become metrics
+            (:func:`summary_metrics`), e.g. ``totals/fn_caught`` or ``datasets/synth_ret_t2i/judged_yes``.
+        experiment_name: MLflow experiment (created if needed).
+        run_name: Display name of the run.
+        tracking_uri: Store URI; default :func:`default_tracking_uri` of ``output_dir``.
+        output_dir: Folder of the default store and artifacts.
+        params: Settings to record as params (flattened like a config).
+        artifacts: Files to attach (summary.json, manifest.jsonl, ...).
+        tags: Extra run tags.
+        parent_run_id: Nest the run under this one (sweeps).
+
+    Returns:
+        The run id.
+    """
+    from mlflow.entities import Metric, Param, RunTag
+
+    uri = tracking_uri or default_tracking_uri(output_dir)
+    client = _client(uri)
+    location = default_artifact_location(output_dir, experiment_name) if is_local_store(uri) else None
+    experiment_id = get_or_create_experiment(client, experiment_name, location)
+    run_tags = {str(k): str(v) for k, v in (tags or {}).items()}
+    if parent_run_id is not None:
+        run_tags[PARENT_RUN_TAG] = parent_run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
+    run_id = run.info.run_id
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, 0) for k, v in summary_metrics(summary).items()]
+    for start in range(0, len(metrics), 1000):  # MLflow's per-batch limit for metrics
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+    items = [Param(k, v) for k, v in config_params(params or {}).items()]
+    for start in range(0, len(items), 100):  # and for params
+        client.log_batch(run_id, params=items[start : start + 100])
+    commit = git_commit()
+    if commit:
+        client.log_batch(run_id, tags=[RunTag(GIT_COMMIT_TAG, commit)])
+    for path in artifacts:
+        if Path(path).is_file():
+            client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id)
+    return run_id
+
+
 # ----------------------------------------------------------------------------------------------------- sweeps
 def get_or_create_sweep_parent(
     experiment_name: str,

@@ -34,3 +34,11 @@ def tiny_embedder():
 @pytest.fixture
 def images():
     return [make_image(color=c, seed=i) for i, c in enumerate(["red", "green", "blue"])]
+
+
+@pytest.fixture(scope="session")
+def kit_judge_tiny():
+    """The kit's tiny preset as an MLLM judge (random init)."""
+    from mmembed.judge import Judge
+
+    return Judge.from_pretrained("tiny", device="cpu")

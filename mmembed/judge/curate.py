@@ -211,13 +211,19 @@ def judge_candidates(judge: Judge | None, shards, cache_dir: str | os.PathLike, 
                      part_timeout_s: float = 3600.0, show_progress: bool | None = None) -> dict[str, dict] | None:
     """Judge every retrieved candidate of ``cache_dir/retrieval.json``; cached as ``cache_dir/judgments.jsonl``.
 
-    ``judge=None`` records no logits (enough for ``strategy="rule"``). Returns, on rank 0, query id ->
+    ``judge=None`` records no logits (enough for ``strategy="rule"``) and leaves the cache alone. Returns, on rank 0,
+    query id ->
     ``{"dataset", "judged", "yes": [...] | None, "no": [...] | None}``; None on other ranks.
     """
     cache = Path(cache_dir)
     instructions = dict(instructions or {})
     _wait_for(cache / RETRIEVAL_FILE, part_timeout_s, "retrieval results")
     retrieval = json.loads((cache / RETRIEVAL_FILE).read_text())
+    if judge is None:  # rule-based curation without a judge: nothing to compute, and a shared cache is left intact
+        if rank != 0:
+            return None
+        return {row["id"]: {"id": row["id"], "dataset": name, "judged": False, "yes": None, "no": None}
+                for name, rows in retrieval["queries"].items() for row in rows}
     fingerprint = _judge_fingerprint(judge, retrieval["fingerprint"], skip_datasets, instructions)
     path = cache / JUDGMENTS_FILE
     if rank == 0 and path.is_file():

@@ -112,3 +112,15 @@ def is_binary_label(dataset: str, analog: str | None = None,
     """Whether a dataset (or the real dataset it imitates) is in the binary-label skip list."""
     names = {_norm(n) for n in binary_datasets}
     return _norm(dataset) in names or (analog is not None and _norm(analog) in names)
+
+
+def judgment_body(instruction: str, q_text: str | None, q_image: bool, t_text: str | None, t_image: bool,
+                  image_token: str = "<image>") -> str:
+    """The judge prompt as one string, each image as ``{image_token}\\n`` before its side's text.
+
+    This is what :class:`mmembed.judge.Judge` renders for processors without a content-list chat template (the
+    kit's), with ``<image>`` standing for the processor's image token as in LLaVA-style stage-1 records.
+    """
+    query = (f"{image_token}\n" if q_image else "") + (q_text or "")
+    target = (f"{image_token}\n" if t_image else "") + (t_text or "")
+    return JUDGE_HEAD.format(instruction=instruction) + query + JUDGE_MIDDLE + target + JUDGE_TAIL

@@ -260,8 +260,15 @@ def write_instruct(name: str, out: Path, seed: int, cfg: SizeConfig) -> dict[str
     return {"conversations": len(records), "by_kind": dict(sorted(kinds.items()))}
 
 
+def write_judge(name: str, out: Path, seed: int, cfg: SizeConfig) -> dict[str, Any]:
+    """Judge relevance questions for stage 1 (train + held-out); see :mod:`mmembed.data.synth.judge_questions`."""
+    from mmembed.data.synth.judge_questions import write_judge_questions
+
+    return write_judge_questions(name, out, seed, cfg, PNG_LEVEL)
+
+
 _WRITERS = {"train": write_train, "mmeb": write_mmeb, "visdoc": write_visdoc, "instruct": write_instruct,
-            "xmodal": write_xmodal}
+            "judge": write_judge, "xmodal": write_xmodal}
 
 
 def _run(unit: tuple[str, str], out: Path, seed: int, cfg: SizeConfig) -> dict[str, Any]:
@@ -274,7 +281,7 @@ def plan(datasets: tuple[SynthDataset, ...] = DATASETS) -> list[tuple[str, str]]
     units += [("mmeb", d.name) for d in datasets if d.meta_task != "visdoc"]
     units += [("visdoc", name) for name in VISDOC_SETS]
     units += [("xmodal", "table5")]
-    return units + [("instruct", "llava")]
+    return units + [("instruct", "llava"), ("judge", "questions")]
 
 
 def _prepare(out: Path, overwrite: bool) -> None:
@@ -363,6 +370,7 @@ def _manifest(results: dict[tuple[str, str], dict[str, Any]], seed: int, size: s
         "eval": {"mmeb": mmeb, "visdoc": {n: r for (k, n), r in results.items() if k == "visdoc"},
                  "xmodal": results.get(("xmodal", "table5"), {})},
         "instruct": results[("instruct", "llava")],
+        "judge_questions": results.get(("judge", "questions"), {}),
         "totals": {
             "train_samples": sum(r["samples"] for r in train.values()),
             "train_shards": sum(r["shards"] for r in train.values()),

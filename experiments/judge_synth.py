@@ -1,0 +1,104 @@
+"""Does the kit's stage-1 model learn to judge? Train stage 1 on the synthetic world's conversations plus its judge
+relevance questions, then measure the judge on held-out questions against the ground truth.
+
+Steps: (1) write stage-1 conversations and judge questions (:mod:`mmembed.data.synth.judge_questions`) into
+``--out/world/instruct`` (only these units of the world, so it is quick); (2) score the held-out questions with the
+untrained model; (3) train stage 1 (``RestorationModule`` + ``InstructionDataModule``, full fine-tuning) on the
+conversations and the training questions, save it to ``--out/stage1_judge``; (4) score the held-out questions again.
+Prints both metric sets and writes ``--out/judge_metrics.json``.
+
+Run from the repository root::
+
+    python experiments/judge_synth.py --out outputs/judge_synth --instruct 600 --steps 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def build_data(out: Path, n: int, seed: int, side: int) -> Path:
+    """Stage-1 conversations + judge questions under ``out/world/instruct``; returns the merged training file."""
+    from mmembed.data.synth.judge_questions import write_judge_questions
+    from mmembed.data.synth.world import SizeConfig, write_instruct
+
+    world = out / "world"
+    cfg = SizeConfig(0, 0, 0, 0, 0, instruct=n, maxcount=1, image_side=side)
+    if not (world / "instruct" / "judge_heldout.json").is_file():
+        write_instruct("llava", world, seed, cfg)
+        write_judge_questions("questions", world, seed, cfg)
+    folder = world / "instruct"
+    merged = json.loads((folder / "llava.json").read_text()) + json.loads((folder / "judge.json").read_text())
+    path = folder / "stage1_with_judge.json"
+    path.write_text(json.dumps(merged) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="outputs/judge_synth")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--instruct", type=int, default=600, help="stage-1 conversations (and as many judge questions)")
+    p.add_argument("--image-side", type=int, default=64)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+
+    import lightning as L
+    import torch
+
+    from datamodules.instruction import InstructionDataModule
+    from mmembed.backbone.model import build_backbone, load_processor
+    from mmembed.judge import Judge
+    from mmembed.judge.evaluate import evaluate_judge
+    from mmembed.modules import RestorationModule
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    train_file = build_data(out, args.instruct, args.seed, args.image_side)
+    heldout = train_file.parent / "judge_heldout.json"
+    backbone = build_backbone(args.preset, finetune={"mode": "full"}, seed=args.seed)
+    processor, _ = load_processor(args.preset, backbone.vtc_factor)
+    before = evaluate_judge(Judge(backbone.hf_model, processor), heldout)
+    print("held-out judge metrics, untrained:", json.dumps(before))
+
+    L.seed_everything(args.seed, workers=True)
+    backbone.train()
+    module = RestorationModule(backbone, optimizer=partial(torch.optim.AdamW, lr=args.lr))
+    # max_tiles=1: the judge prompts its processor with one tile per image, so train the same way.
+    data = InstructionDataModule(str(train_file), batch_size=args.batch_size, max_tiles=1, num_workers=0,
+                                 processor=processor, seed=args.seed)
+    trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, log_every_n_steps=10)
+    t_fit = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    fit_s = time.perf_counter() - t_fit
+    from mmembed.backbone.model import build_input_builder
+    from mmembed.embedder import Embedder
+
+    saved = Embedder(backbone.eval(), build_input_builder(args.preset)).save_pretrained(out / "stage1_judge")
+    print(f"stage-1 model saved to {saved} (load it with Judge.from_pretrained)")
+    after = evaluate_judge(Judge(backbone.hf_model.eval(), processor), heldout)
+    print("held-out judge metrics, after stage 1:", json.dumps(after))
+    result = {"args": vars(args), "train_records": len(json.loads(train_file.read_text())), "before": before,
+              "after": after, "final_train_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+              "fit_s": round(fit_s, 1), "total_s": round(time.perf_counter() - t0, 1)}
+    (out / "judge_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Judge relevance questions of the synthetic world: answers follow the ground truth, records are valid stage-1
+conversations, and the prompt trained is the prompt the kit's judge renders."""
+
+from __future__ import annotations
+
+import json
+import random
+
+from mmembed.data.synth.judge_questions import make_judge_questions, write_judge_questions
+from mmembed.data.synth.tasks import BY_NAME
+from mmembed.data.synth.world import SizeConfig
+from mmembed.judge.evaluate import load_pairs
+
+
+def test_answers_follow_the_accepts_provides_rule():
+    ds = BY_NAME["synth_ret_t2i"]  # captions: another scene may fit a query's caption (a false negative)
+    qs = make_judge_questions(random.Random(0), 32, side=64, datasets=(ds,))
+    assert {q.relation for q in qs} == {"positive", "false_negative", "negative"}
+    for q in qs:
+        assert q.relevant == (q.relation != "negative") and q.dataset == "synth_ret_t2i"
+        assert q.instruction == "Determine whether the given query text is relevant to the given image."
+        assert q.q_image is None and q.t_image is not None and q.q_text
+
+
+def test_written_records_are_stage1_conversations_and_match_the_judge_prompt(tmp_path, kit_judge_tiny):
+    cfg = SizeConfig(0, 0, 0, 0, 0, instruct=12, maxcount=1, image_side=64)
+    counts = write_judge_questions("questions", tmp_path, 0, cfg)
+    assert counts["train"]["questions"] == 12 and counts["heldout"]["questions"] == 8
+    records = json.loads((tmp_path / "instruct" / "judge.json").read_text())
+    held = json.loads((tmp_path / "instruct" / "judge_heldout.json").read_text())
+    assert {r["id"] for r in records}.isdisjoint({r["conversations"][0]["value"] for r in held})
+
+    from datamodules.instruction import ConversationEncoder
+
+    enc = ConversationEncoder(kit_judge_tiny.processor, tmp_path / "instruct", max_tiles=1)
+    pairs, infos = load_pairs(tmp_path / "instruct" / "judge.json")
+    for record, pair, info in zip(records, pairs, infos):
+        out = enc(record)
+        answer = [t for t in out["labels"] if t != -100]
+        want = kit_judge_tiny.yes_ids if info["answer"] == "yes" else kit_judge_tiny.no_ids
+        assert answer[0] in want  # the first supervised token is the token the judge reads
+        prompt = kit_judge_tiny.render(pair)[0]
+        n_prompt = len(kit_judge_tiny.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        text_ids = enc.tokenizer(enc.tokenizer.apply_chat_template(enc.messages(record, len(record.get("image", []))),
+                                                                   tokenize=False), add_special_tokens=False)
+        assert text_ids["input_ids"][:n_prompt] == kit_judge_tiny.tokenizer(prompt, add_special_tokens=False)[
+            "input_ids"]

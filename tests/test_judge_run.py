@@ -1,0 +1,52 @@
+"""``task=judge`` through the Hydra entry point's code: curation with a kit-saved judge folder, the curated shards,
+and the summary logged to MLflow as its own run; the one hard-negative value feeds curation and the DataModule."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import open_dict
+
+from tests.test_configs import _compose
+from tests.test_curate import _write
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_hard_negatives_is_one_value(tmp_path):
+    cfg = _compose(tmp_path, ["+exp=stage3_judge_ft", "backbone.name_or_path=/stage2", "judge.model=/judge"])
+    assert cfg.task == "judge_ft" and cfg.hard_negatives == 12
+    assert cfg.judge.max_negatives == cfg.data.num_hard_negatives == 12 and cfg.judge.retrieve_top_k == 20
+    assert cfg.judge.checkpoint == "/stage2"
+    cfg = _compose(tmp_path, ["hard_negatives=4"])
+    assert cfg.judge.max_negatives == cfg.data.num_hard_negatives == 4
+
+
+def test_task_judge_curates_and_logs_to_mlflow(tmp_path):
+    from mmembed import Embedder
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import run
+
+    judge_dir = Embedder.from_pretrained("tiny", device="cpu").save_pretrained(tmp_path / "judge_model")
+    shards = _write(tmp_path)
+    cfg = _compose(tmp_path, ["task=judge", f"judge.model={judge_dir}", f"data.train_shards={shards}",
+                              "judge.retrieve_top_k=4", "hard_negatives=2", "judge.batch_size=4"])
+    run.validate(cfg)
+    out = run.judge(cfg)
+    assert len(list(out.glob("*.tar"))) == 2
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{Path(cfg.paths.log_dir) / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(cfg.logger.experiment_name).experiment_id])
+    (r,) = [x for x in runs if x.info.run_name == "default/curation"]
+    assert r.data.metrics["totals/queries"] == 10 and r.data.metrics["n"] == 2
+    assert r.data.params["judge.strategy"] == "judge" and r.data.params["hard_negatives"] == "2"
+    assert {a.path for a in client.list_artifacts(r.info.run_id)} == {"summary.json", "manifest.jsonl"}
+
+    with open_dict(cfg):
+        cfg.judge.model = None
+    with pytest.raises(SystemExit, match="needs judge.model"):
+        run.validate(cfg)
