@@ -142,10 +142,13 @@ def train(cfg: DictConfig, train_shards: str | None = None) -> dict[str, float]:
     metrics["time/fit_s"] = time.perf_counter() - t0
     if trainer.is_global_zero:
         if cfg.save_embedder:
-            path = module.embedder().save_pretrained(Path(cfg.paths.output_dir) / "embedder")
-            print(f"embedder saved to {path}")
+            # A reranker run exports the reranker (same folder layout, loads with Reranker.from_pretrained).
+            what = "reranker" if callable(getattr(module, "reranker", None)) else "embedder"
+            model = module.reranker() if what == "reranker" else module.embedder()
+            path = model.save_pretrained(Path(cfg.paths.output_dir) / what)
+            print(f"{what} saved to {path}")
             if logger is not None:
-                logger.experiment.log_param(logger.run_id, "embedder_path", str(path))
+                logger.experiment.log_param(logger.run_id, f"{what}_path", str(path))
         if logger is not None:
             logger.log_metrics({"time/fit_s": metrics["time/fit_s"]})
             _summarize_if_sweep(cfg, logger)
