@@ -270,3 +270,40 @@ def test_eval_cli_reports_e_and_e_plus_r(mmeb_data, tmp_path, capsys, tiny_backb
     e, er = load_metrics(tmp_path / "cli" / "E"), load_metrics(tmp_path / "cli" / "E+R")
     assert (e["mode"], er["mode"]) == ("E", "E+R") and er["extra"]["rerank_top"] == 2
     assert e["sets"]["GQA"]["num_queries"] == er["sets"]["GQA"]["num_queries"] == 2
+
+
+# ------------------------------------------------------------------------------------------------ +exp=reranker
+@pytest.mark.slow
+def test_exp_reranker_trains_two_steps_evaluates_e_and_e_plus_r_and_exports(tmp_path):
+    """Compose ``+exp=reranker`` (shrunk), train 2 steps with the E vs E+R callback on the reranker being trained."""
+    import sys
+
+    from omegaconf import open_dict
+
+    from tests.test_configs import ROOT, _compose
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import run
+
+    cfg = _compose(tmp_path, ["+exp=reranker", "synth.size=ci", "logger=none", "trainer.max_steps=2",
+                              "data.samples_per_epoch=8", "data.batch_size=4", "data.num_workers=0",
+                              "~callbacks.visdoc", "~callbacks.lr_monitor", "callbacks.mmeb.subsets=[synth_cls_color]",
+                              "callbacks.mmeb.max_queries=2", "callbacks.mmeb.eval_at_start=false"])
+    assert cfg.module._target_ == "mmembed.modules.RerankerModule" and cfg.module.optimizer.lr == 4e-5
+    assert cfg.trainer.max_epochs == 2 and cfg.callbacks.mmeb.reranker == "module"
+    assert cfg.callbacks.mmeb.embedder == "tiny"  # eval_embedder defaults to the backbone preset
+    with open_dict(cfg):
+        cfg.trainer.enable_progress_bar = False
+    run.validate(cfg)
+    run.ensure_synthetic_world(cfg)
+    metrics = run.train(cfg)
+    assert {"train/loss", "train/point_loss", "train/list_loss", "train/point_acc", "train/list_acc"} <= set(metrics)
+    assert {"val/mmeb/overall", "val/mmeb_er/overall"} <= set(metrics)
+    out = tmp_path / "out"
+    assert (out / "eval" / "step0000002-epoch" / "mmeb" / "E+R" / "metrics.json").is_file()
+    assert (out / "eval" / "step0000002-epoch" / "mmeb" / "E" / "runs" / "synth_cls_color.run").is_file()
+    assert any((out / "checkpoints").glob("best-*.ckpt"))  # monitored on val/mmeb_er/overall
+    from mmembed import Reranker
+
+    rr = Reranker.from_pretrained(out / "reranker", device="cpu")
+    assert rr.score(Item(text="a red circle", instruction=INSTR), [Item(text="red")]).shape == (1,)
