@@ -243,7 +243,9 @@ def build_backbone(
         model = apply_finetuning(model, ft)
     backbone = VTCBackbone(model, factor, placement)
     backbone.source = str(name_or_path)  # lets modules rebuild the matching InputBuilder
-    return backbone
+    # transformers' from_pretrained returns the model in eval mode; a built backbone is for training (Lightning
+    # otherwise keeps dropout off and warns "Found N module(s) in eval mode"). Inference callers call .eval().
+    return backbone.train()
 
 
 def build_input_builder(name_or_path: str | Path = "tiny", vtc_factor: int | None = None,
