@@ -20,6 +20,13 @@ Where the numbers go, for a result with keys ``val/mmeb/<subset>``, ``val/mmeb/<
 * files: per evaluation ``<out_dir>/step{N:07d}-{when}/<benchmark>/`` (run + qrels files, metrics.json, bar chart),
   also uploaded as artifacts of the run when a logger is an ``MLFlowLogger``.
 
+Two-stage retrieval (paper §5.2, Tables 3/4/7): with ``reranker=`` set, every evaluation runs the benchmark twice,
+embedder alone (E: keys ``val/<benchmark>/...``, files in ``.../<benchmark>/E``) and with the embedder's top
+``rerank_k`` re-ordered by the reranker (E+R: keys ``val/<benchmark>_er/...``, files in ``.../<benchmark>/E+R``),
+embedding every item once. ``reranker="module"`` evaluates the reranker being trained (``pl_module.reranker()``,
+``RerankerModule``) behind a fixed first stage given by ``embedder=`` (a folder or preset, loaded once; its
+embeddings are computed once for the whole training run).
+
 Distributed training: only global rank 0 evaluates (the other ranks wait in the broadcast of its numbers, so they
 stay in step and every rank's ``callback_metrics`` holds the same values - ModelCheckpoint then decides identically
 on all ranks). Rank 0 calls the backbone directly, outside the DDP wrapper, so no collective runs inside the
@@ -36,7 +43,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from mmembed.eval.results import BenchmarkResult, SupportsRerank
+from mmembed.eval.results import BenchmarkResult, CachedEncoder, SupportsRerank
 
 
 class BenchmarkEvalCallback(L.Callback):
@@ -51,8 +58,14 @@ class BenchmarkEvalCallback(L.Callback):
         batch_size: Encoding batch size.
         max_queries: Only the first N queries of every set (quick checks during training).
         run_depth: Candidates per query kept in the run files.
-        reranker: E+R mode (see :func:`mmembed.eval.results.rerank_topk`); ``None`` = embedder only.
+        reranker: Also report E+R (see :func:`mmembed.eval.results.rerank_topk`): a ``SupportsRerank`` object, a
+            reranker folder / preset (loaded on first use), or ``"module"`` for ``pl_module.reranker()``.
+            ``None`` = embedder only.
         rerank_k: Reranker shortlist size.
+        rerank_mode: ``pointwise`` (paper) or ``listwise`` for a reranker loaded here or taken from the module.
+        embedder: Fixed first stage (folder or preset) instead of the module's own ``embedder()``; needed when the
+            module trains a reranker.
+        er_prefix: Key prefix of the E+R numbers (default ``val/<benchmark>_er``).
         prefix: Metric key prefix (default ``val/<benchmark>``).
         log_artifacts: Upload the files to MLflow when a logger is an ``MLFlowLogger``.
     """
@@ -69,10 +82,13 @@ class BenchmarkEvalCallback(L.Callback):
         batch_size: int = 16,
         max_queries: int | None = None,
         run_depth: int | None = 100,
-        reranker: SupportsRerank | None = None,
+        reranker: SupportsRerank | str | None = None,
         rerank_k: int = 5,
         prefix: str | None = None,
         log_artifacts: bool = True,
+        rerank_mode: str = "pointwise",
+        embedder: str | Path | None = None,
+        er_prefix: str | None = None,
     ) -> None:
         for name, value in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs)):
             if value is not None and value < 0:
@@ -88,19 +104,62 @@ class BenchmarkEvalCallback(L.Callback):
         self.reranker = reranker
         self.rerank_k = rerank_k
         self.prefix = prefix or f"val/{self.benchmark}"
+        self.er_prefix = er_prefix or f"val/{self.benchmark}_er"
         self.log_artifacts = log_artifacts
+        self.rerank_mode = rerank_mode
+        self.embedder_source = embedder
+        self._fixed_embedder: CachedEncoder | None = None
+        self._loaded_reranker: SupportsRerank | None = None
         self.history: list[dict[str, Any]] = []  # {"when", "step", "epoch", "metrics"} per evaluation, all ranks
         self.results: list[BenchmarkResult] = []  # full results, rank 0 only
         self._last_step: int | None = None
 
     # ------------------------------------------------------------------------------------------------ subclass
-    def evaluate(self, embedder: Any, out_dir: Path, extra: dict[str, Any]) -> BenchmarkResult:
-        """Run the benchmark on ``embedder``, writing files under ``out_dir``."""
+    def evaluate(self, embedder: Any, out_dir: Path | None, extra: dict[str, Any],
+                 reranker: SupportsRerank | None = None) -> BenchmarkResult:
+        """Run the benchmark on ``embedder`` (E, or E+R with ``reranker``), writing files under ``out_dir``."""
+        return self.runner()(embedder, out_dir=out_dir, reranker=reranker, rerank_k=self.rerank_k,
+                             **self.runner_kwargs(), batch_size=self.batch_size, run_depth=self.run_depth,
+                             max_queries=self.max_queries, show_progress=False, extra=extra)
+
+    def runner(self):
+        """The runner function (``evaluate_mmeb`` / ``evaluate_visdoc``)."""
         raise NotImplementedError
+
+    def runner_kwargs(self) -> dict[str, Any]:
+        """The runner's data arguments."""
+        raise NotImplementedError
+
+    def first_stage(self, pl_module: L.LightningModule) -> Any:
+        """The embedder to evaluate: the fixed one (loaded once, embeddings cached) or the module's own."""
+        if self.embedder_source is None:
+            return pl_module.embedder()
+        if self._fixed_embedder is None:
+            from mmembed.embedder import Embedder
+
+            self._fixed_embedder = CachedEncoder(Embedder.from_pretrained(self.embedder_source,
+                                                                          device=pl_module.device))
+        return self._fixed_embedder
+
+    def second_stage(self, pl_module: L.LightningModule) -> SupportsRerank | None:
+        """The reranker of E+R, or ``None``."""
+        if self.reranker is None or isinstance(self.reranker, SupportsRerank):
+            return self.reranker
+        if self.reranker == "module":
+            return pl_module.reranker(mode=self.rerank_mode)
+        if self._loaded_reranker is None:
+            from mmembed.reranker import Reranker
+
+            self._loaded_reranker = Reranker.from_pretrained(self.reranker, mode=self.rerank_mode,
+                                                             device=pl_module.device)
+        return self._loaded_reranker
 
     # ---------------------------------------------------------------------------------------------- lightning
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not callable(getattr(pl_module, "embedder", None)):
+        if self.reranker == "module" and not callable(getattr(pl_module, "reranker", None)):
+            raise TypeError(f"{type(self).__name__}(reranker='module') needs {type(pl_module).__name__}.reranker(); "
+                            "train a mmembed.modules.RerankerModule or pass a reranker folder")
+        if self.embedder_source is None and not callable(getattr(pl_module, "embedder", None)):
             raise TypeError(f"{type(self).__name__} needs {type(pl_module).__name__}.embedder() -> mmembed.Embedder; "
                             "subclass mmembed.modules.base.BackboneModule or add the method")
 
@@ -143,13 +202,23 @@ class BenchmarkEvalCallback(L.Callback):
         if trainer.is_global_zero:
             out = self.output_root(trainer) / f"step{step:07d}-{when}" / self.benchmark
             extra = {"when": when, "global_step": step, "epoch": epoch}
+            reranker = self.second_stage(pl_module)
             # The trainer's precision context (e.g. bf16 autocast) makes eval cost what a training forward costs.
             with trainer.strategy.precision_plugin.forward_context():
-                result = self.evaluate(pl_module.embedder(), out, extra)
-            values = result.flat(self.prefix)
-            self.results.append(result)
-            self._upload(trainer, result, f"eval/step{step:07d}-{when}/{self.benchmark}")
-            rank_zero_info(f"[{self.benchmark}] step {step} ({when}): overall {result.overall:.2f}")
+                embedder = self.first_stage(pl_module)
+                if reranker is None:
+                    results = [(self.evaluate(embedder, out, extra), self.prefix, "")]
+                else:
+                    cached = embedder if isinstance(embedder, CachedEncoder) else CachedEncoder(embedder)
+                    e = self.evaluate(cached, out / "E", extra)
+                    er = self.evaluate(cached, out / "E+R", extra, reranker=reranker)
+                    results = [(e, self.prefix, "/E"), (er, self.er_prefix, "/E+R")]
+            values = {}
+            for result, prefix, sub in results:
+                values.update(result.flat(prefix))
+                self.results.append(result)
+                self._upload(trainer, result, f"eval/step{step:07d}-{when}/{self.benchmark}{sub}")
+                rank_zero_info(f"[{self.benchmark}{sub}] step {step} ({when}): overall {result.overall:.2f}")
         values = trainer.strategy.broadcast(values, src=0)  # the other ranks wait here for rank 0
         self.publish(trainer, values, step)
         self.history.append({"when": when, "step": step, "epoch": epoch, "metrics": values})
@@ -194,13 +263,14 @@ class MMEBEvalCallback(BenchmarkEvalCallback):
         self.data, self.image_root, self.subsets = data, image_root, subsets
         self.version, self.ind_ood = version, ind_ood
 
-    def evaluate(self, embedder: Any, out_dir: Path, extra: dict[str, Any]) -> BenchmarkResult:
+    def runner(self):
         from mmembed.eval.mmeb import evaluate_mmeb
 
-        return evaluate_mmeb(embedder, self.data, self.image_root, out_dir, version=self.version,
-                             batch_size=self.batch_size, ind_ood=self.ind_ood, names=self.subsets,
-                             reranker=self.reranker, rerank_k=self.rerank_k, run_depth=self.run_depth,
-                             max_queries=self.max_queries, show_progress=False, extra=extra)
+        return evaluate_mmeb
+
+    def runner_kwargs(self) -> dict[str, Any]:
+        return dict(subsets=self.data, image_root=self.image_root, version=self.version, ind_ood=self.ind_ood,
+                    names=self.subsets)
 
 
 class VisDocEvalCallback(BenchmarkEvalCallback):
@@ -221,13 +291,13 @@ class VisDocEvalCallback(BenchmarkEvalCallback):
         super().__init__(**kwargs)
         self.data, self.sets, self.k, self.ind_ood = data, sets, k, ind_ood
 
-    def evaluate(self, embedder: Any, out_dir: Path, extra: dict[str, Any]) -> BenchmarkResult:
+    def runner(self):
         from mmembed.eval.visdoc import evaluate_visdoc
 
-        return evaluate_visdoc(embedder, self.data, out_dir, self.k, batch_size=self.batch_size,
-                               ind_ood=self.ind_ood, names=self.sets, reranker=self.reranker,
-                               rerank_k=self.rerank_k, run_depth=self.run_depth, max_queries=self.max_queries,
-                               show_progress=False, extra=extra)
+        return evaluate_visdoc
+
+    def runner_kwargs(self) -> dict[str, Any]:
+        return dict(sets=self.data, k=self.k, ind_ood=self.ind_ood, names=self.sets)
 
 
 class XModalEvalCallback(BenchmarkEvalCallback):
@@ -247,7 +317,8 @@ class XModalEvalCallback(BenchmarkEvalCallback):
         super().__init__(**kwargs)
         self.data, self.sets = data, sets
 
-    def evaluate(self, embedder: Any, out_dir: Path, extra: dict[str, Any]) -> BenchmarkResult:
+    def evaluate(self, embedder: Any, out_dir: Path | None, extra: dict[str, Any],
+                 reranker: SupportsRerank | None = None) -> BenchmarkResult:
         from mmembed.eval.xmodal import evaluate_xmodal
 
         return evaluate_xmodal(embedder, self.data, out_dir, batch_size=self.batch_size, names=self.sets,

@@ -401,9 +401,13 @@ class ContrastiveDataModule(L.LightningDataModule):
         stages.append(GroupByDataset(
             self.batch_size, clock, weights=self.weights if train else None, prior=self._prior() if train else None,
             seed=self.seed, rank=self.rank, counter=counter, flush_partial=not train))
-        stages.append(wds.map(ContrastiveCollate(self.input_builder, self.num_hard_negatives)))
+        stages.append(wds.map(self.make_collate()))
         pipeline = wds.DataPipeline(*stages)
         return pipeline.repeat() if repeat else pipeline
+
+    def make_collate(self):
+        """The batch builder run in the loader workers (subclasses build other batches from the same stream)."""
+        return ContrastiveCollate(self.input_builder, self.num_hard_negatives)
 
     def train_dataloader(self) -> RankLoader:
         self.setup("fit")

@@ -292,10 +292,13 @@ def fit(cfg: DictConfig, train_shards: str | None = None, parent_run_id: str | N
         rows = before_after(callbacks)
         if trainer.is_global_zero:
             if cfg.save_embedder:
-                path = module.embedder().save_pretrained(Path(cfg.paths.output_dir) / "embedder")
-                print(f"embedder saved to {path}")
+                # A reranker run exports the reranker (same folder layout, loads with Reranker.from_pretrained).
+                what = "reranker" if callable(getattr(module, "reranker", None)) else "embedder"
+                model = module.reranker() if what == "reranker" else module.embedder()
+                path = model.save_pretrained(Path(cfg.paths.output_dir) / what)
+                print(f"{what} saved to {path}")
                 if logger is not None:
-                    log_params(logger, {"embedder_path": path})
+                    log_params(logger, {f"{what}_path": path})
             if logger is not None:
                 logger.log_metrics({"time/fit_s": metrics["time/fit_s"]})
             print_results(rows)

@@ -2,7 +2,7 @@
 
 from mmembed.types import Item
 
-__all__ = ["Embedder", "Item"]
+__all__ = ["Embedder", "Item", "Reranker"]
 __version__ = "0.1.0"
 
 
@@ -12,4 +12,8 @@ def __getattr__(name: str):
         from mmembed.embedder import Embedder
 
         return Embedder
+    if name == "Reranker":
+        from mmembed.reranker import Reranker
+
+        return Reranker
     raise AttributeError(name)

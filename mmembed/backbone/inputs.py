@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,6 +160,18 @@ class InputBuilder:
         """Id of the token every prompt ends with (read by last-token pooling); ``None`` for ``"prompt_end"``."""
         return self.tokenizer.eos_token_id if self.pooled_token == "eos" else None
 
+    def chat(self, body: str) -> str:
+        """``body`` as the user turn of the chat template, ending with the assistant's generation prompt (no pooled
+        token: the reranker and the judge read the next token's logits there)."""
+        if not self.use_chat_template:
+            return body
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def cut(self, text: str | None) -> str | None:
+        """``text`` cut to ``max_text_tokens`` tokens (``None`` stays ``None``)."""
+        return self._cut(text)
+
     def _image_kwargs(self, kind: str) -> dict:
         return self.tile_policy.processor_kwargs(kind)
 
@@ -180,6 +193,38 @@ class InputBuilder:
         out = self.processor(text=[text], images=[image], return_tensors="pt", **self._image_kwargs(item.kind))
         pv = out["pixel_values"]
         return {"input_ids": out["input_ids"][0].tolist(), "pixel_values": pv, "num_tiles": int(pv.shape[0])}
+
+    def encode_prompt(self, text: str, images: Sequence[tuple[ImageLike, str]], what: str = "prompt") -> dict:
+        """Tokenize a finished prompt holding one image placeholder per entry of ``images``, in order.
+
+        Each image is tiled with its own kind's cap (a natural query image and a document candidate in one prompt
+        get 1 and up to 4 tiles). Why not one processor call: the stock processor applies one tiling setting to all
+        images of a call. The prompt is cut after each placeholder and each piece goes through the stock processor
+        with its image; special tokens bound the pieces, so the concatenated ids equal those of a single call.
+
+        Args:
+            text: The prompt with ``self.image_token`` placeholders (chat template already applied).
+            images: ``(image, kind)`` per placeholder.
+            what: Names the prompt in error messages.
+
+        Returns:
+            Like :meth:`encode_one`: ``input_ids`` (list), ``pixel_values`` (tiles of all images, in order, or
+            None) and ``num_tiles`` (their total).
+        """
+        parts = text.split(self.image_token)
+        if len(parts) - 1 != len(images):
+            raise ValueError(f"{what}: {len(parts) - 1} image placeholder(s) for {len(images)} image(s)")
+        ids: list[int] = []
+        pvs = []
+        for i, (part, (image, kind)) in enumerate(zip(parts[:-1], images)):
+            out = self.processor(text=[part + self.image_token], images=[load_image(image, what=f"{what} image {i}")],
+                                 return_tensors="pt", **self._image_kwargs(kind))
+            ids += out["input_ids"][0].tolist()
+            pvs.append(out["pixel_values"])
+        if parts[-1]:
+            ids += self.tokenizer(parts[-1], add_special_tokens=False)["input_ids"]
+        pv = torch.cat(pvs, dim=0) if pvs else None
+        return {"input_ids": ids, "pixel_values": pv, "num_tiles": 0 if pv is None else int(pv.shape[0])}
 
     def collate(self, encoded: list[dict]) -> BatchFeature:
         """Right-pad a list of ``encode_one`` outputs into one batch."""

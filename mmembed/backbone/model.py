@@ -213,6 +213,21 @@ class VTCBackbone(nn.Module):
                             use_cache=False)
         return last_token_pool(out.last_hidden_state, attention_mask, normalize=normalize)
 
+    def answer_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      pixel_values: torch.Tensor | None = None, **_: object) -> torch.Tensor:
+        """(B, V) next-token logits at each row's last real token: the distribution of a generated answer.
+
+        The same numbers as :meth:`forward`'s logits at that position (the stock ``lm_head`` on the stock final
+        hidden state), but the LM head runs on B positions instead of B x L: with a ~151k vocabulary the full
+        (B, L, V) logits of a reranking batch would not fit. Used by the reranker (paper §3.4).
+        """
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(self.internvl.vision_tower.dtype)
+        out = self.internvl(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                            use_cache=False)
+        last = last_token_pool(out.last_hidden_state, attention_mask, normalize=False)
+        return self.hf_model.lm_head(last)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs):
         """Language-model forward (logits, and the stock shifted next-token loss when ``labels`` are given)."""
@@ -274,7 +289,9 @@ def build_backbone(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = apply_finetuning(model, ft)
-    return VTCBackbone(model, factor, placement, input_builder=builder)
+    # transformers' from_pretrained returns the model in eval mode; a built backbone is for training (Lightning
+    # otherwise keeps dropout off and warns "Found N module(s) in eval mode"). Inference callers call .eval().
+    return VTCBackbone(model, factor, placement, input_builder=builder).train()
 
 
 def build_input_builder(name_or_path: str | Path = "tiny", vtc_factor: int | None = None,

@@ -5,9 +5,14 @@ Examples::
     mmembed-data synth --out data/synth --size ci
     mmembed-eval mmeb   --model tiny --data data/synth --out out/eval/mmeb
     mmembed-eval visdoc --model /models/my-embedder --data data/synth --out out/eval/visdoc --k 5
+    mmembed-eval mmeb   --model /models/my-embedder --reranker /models/my-reranker --rerank-top 5 \
+                        --data data/synth --out out/eval/mmeb_er
 
 ``--model`` is a preset name (random weights: a smoke test of the pipeline) or a local folder written by
 ``Embedder.save_pretrained`` / a stock ``InternVL3-*-hf`` folder. Scores are x100, like the paper's tables.
+With ``--reranker`` (a folder written by ``Reranker.save_pretrained``) the benchmark runs twice, embedder alone (E,
+files in ``<out>/E``) and with each query's top ``--rerank-top`` candidates re-ordered by the reranker (E+R, files in
+``<out>/E+R``), embedding every item once, and a side-by-side table is printed.
 """
 
 from __future__ import annotations
@@ -41,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--max-queries", type=int, default=None, help="only the first N queries of every set")
     common.add_argument("--run-depth", type=int, default=100, help="candidates per query in the run files")
     common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    common.add_argument("--reranker", default=None, help="reranker folder (or preset): also report E+R")
+    common.add_argument("--rerank-top", type=int, default=5, help="candidates per query the reranker re-orders")
+    common.add_argument("--rerank-mode", choices=("pointwise", "listwise"), default="pointwise",
+                        help="pointwise P(Yes) per candidate (paper) or one listwise prompt")
+    common.add_argument("--rerank-batch-size", type=int, default=8, help="reranker prompts per forward")
     mmeb = sub.add_parser("mmeb", parents=[common], help="MMEB: Precision@1 over each query's own candidates")
     mmeb.add_argument("--image-root", type=Path, default=None, help="folder the parquet image paths are relative to")
     mmeb.add_argument("--version", choices=("v2", "v1"), default="v2", help="MMEB parquet columns")
@@ -77,8 +87,30 @@ def result_table(result: BenchmarkResult) -> Table:
     return table
 
 
+def side_by_side_table(e: BenchmarkResult, er: BenchmarkResult) -> Table:
+    """E and E+R scores per set, group and overall, with the difference."""
+    titles = VISDOC_GROUP_TITLES if e.benchmark == "visdoc" else {}
+    table = Table(title=f"{e.benchmark.upper()} - {e.metric} x100: embedder (E) vs embedder + reranker (E+R)")
+    for col, justify in (("set", "left"), ("E", "right"), ("E+R", "right"), ("delta", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+
+    def row(name: str, a: float, b: float, bold: bool = False) -> None:
+        cells = [name, f"{a:.1f}", f"{b:.1f}", f"{b - a:+.1f}"]
+        table.add_row(*(f"[b]{c}[/b]" for c in cells) if bold else cells)
+
+    for name, s in e.sets.items():
+        row(name, s.score, er.sets[name].score)
+    table.add_section()
+    for group, value in e.groups.items():
+        row(titles.get(group, group), value, er.groups[group], bold=True)
+    row("overall", e.overall, er.overall, bold=True)
+    return table
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.rerank_top < 1:
+        build_parser().error(f"--rerank-top must be >= 1, got {args.rerank_top}")
     return run_cli(lambda: _evaluate(args), prog="mmembed-eval", debug=args.debug)
 
 
@@ -92,20 +124,40 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.benchmark == "mmeb":
         from mmembed.eval.mmeb import evaluate_mmeb
 
-        result = evaluate_mmeb(embedder, args.data, args.image_root, args.out, version=args.version,
-                               batch_size=args.batch_size, names=_names(args.subsets), run_depth=args.run_depth,
-                               max_queries=args.max_queries, extra=extra, instructions=args.instructions)
+        run = evaluate_mmeb
+        kwargs = dict(subsets=args.data, image_root=args.image_root, version=args.version,
+                      names=_names(args.subsets), instructions=args.instructions)
     elif args.benchmark == "xmodal":
         from mmembed.eval.xmodal import evaluate_xmodal
 
+        if args.reranker is not None:
+            raise ValueError("--reranker: Table 5 (xmodal) reports the embedder alone; drop --reranker")
         result = evaluate_xmodal(embedder, args.data, args.out, batch_size=args.batch_size, names=_names(args.sets),
                                  max_queries=args.max_queries, extra=extra)
+        console.print(result_table(result))
+        console.print(f"metrics: {result.metrics_file}   plot: {result.plot_file}")
+        return 0
     else:
         from mmembed.eval.visdoc import evaluate_visdoc
 
-        result = evaluate_visdoc(embedder, args.data, args.out, args.k, batch_size=args.batch_size,
-                                 names=_names(args.sets), run_depth=args.run_depth, max_queries=args.max_queries,
-                                 extra=extra)
+        run = evaluate_visdoc
+        kwargs = dict(sets=args.data, k=args.k, names=_names(args.sets))
+    kwargs.update(batch_size=args.batch_size, run_depth=args.run_depth, max_queries=args.max_queries, extra=extra)
+    if args.reranker is None:
+        result = run(embedder, out_dir=args.out, **kwargs)
+    else:
+        from mmembed.eval.results import evaluate_two_stage
+        from mmembed.reranker import Reranker
+
+        reranker = Reranker.from_pretrained(args.reranker, mode=args.rerank_mode, batch_size=args.rerank_batch_size,
+                                            device=args.device)
+        extra.update(reranker=str(args.reranker), rerank_top=args.rerank_top, rerank_mode=args.rerank_mode)
+        e, result = evaluate_two_stage(run, embedder, reranker, args.out, rerank_k=args.rerank_top, **kwargs)
+        console.print(result_table(e))
+        console.print(result_table(result))
+        console.print(side_by_side_table(e, result))
+        console.print(f"E metrics: {e.metrics_file}   E+R metrics: {result.metrics_file}")
+        return 0
     console.print(result_table(result))
     console.print(f"metrics: {result.metrics_file}   plot: {result.plot_file}")
     return 0

@@ -189,6 +189,55 @@ class BenchmarkResult:
 
 
 # ------------------------------------------------------------------------------------------------------ E+R
+class CachedEncoder:
+    """An :class:`Encoder` that remembers every embedding it computed, so E and E+R runs embed each item once.
+
+    Items are keyed by content (role, text, instruction, kind and the image: its path, or the identity of a PIL
+    image). The runners re-read their data on every call, so equal items arrive as new objects: keying by content
+    lets the second (E+R) run, and later evaluations with a fixed embedder, reuse the first run's embeddings.
+
+    Args:
+        encoder: The embedder to wrap.
+    """
+
+    def __init__(self, encoder: Encoder) -> None:
+        self.encoder = encoder
+        self._cache: dict[tuple, Tensor] = {}
+        self._alive: list = []
+
+    @staticmethod
+    def key(item: Item, role: str) -> tuple:
+        image = item.image
+        image_key = None if image is None else (str(image) if isinstance(image, str | Path) else ("id", id(image)))
+        return role, item.text, item.instruction, item.kind, image_key
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self._alive.clear()
+
+    def encode(self, items: list[Item], role: Role = "query", batch_size: int = 16,
+               show_progress: bool | None = None) -> Tensor:
+        keys = [self.key(it, role) for it in items]
+        todo, seen = [], set()
+        for i, k in enumerate(keys):
+            if k not in self._cache and k not in seen:
+                todo.append(i)
+                seen.add(k)
+        if todo:
+            new = self.encoder.encode([items[i] for i in todo], role=role, batch_size=batch_size,
+                                      show_progress=show_progress)
+            for row, i in enumerate(todo):
+                self._cache[keys[i]] = new[row]
+                if keys[i][-1] is not None and keys[i][-1][0] == "id":
+                    self._alive.append(items[i].image)  # keeps the id from being reused by another image
+        if not items:
+            return self.encoder.encode([], role=role, batch_size=batch_size, show_progress=False)
+        return torch.stack([self._cache[k] for k in keys])
+
+
 def rerank_topk(
     scores: Tensor,
     queries: Sequence[Item],
@@ -233,6 +282,34 @@ def rerank_topk(
         for new_rank, j in enumerate(order):
             out[row, cols[j]] = top_score + (len(cols) - new_rank)
     return out
+
+
+def evaluate_two_stage(
+    evaluate: Callable[..., BenchmarkResult],
+    embedder: Encoder,
+    reranker: SupportsRerank,
+    out_dir: str | Path | None = None,
+    rerank_k: int = 5,
+    **kwargs: Any,
+) -> tuple[BenchmarkResult, BenchmarkResult]:
+    """Run a benchmark twice, embedder only ("E") and two-stage ("E+R"), embedding every item once.
+
+    Args:
+        evaluate: The runner, ``evaluate_mmeb`` or ``evaluate_visdoc``.
+        embedder: The first stage (wrapped in a :class:`CachedEncoder` unless it is one).
+        reranker: The second stage.
+        out_dir: Files of the E run go to ``<out_dir>/E``, those of the E+R run to ``<out_dir>/E+R``.
+        rerank_k: Shortlist size (paper: 5).
+        **kwargs: The runner's other arguments (data, batch size, ...).
+
+    Returns:
+        ``(E result, E+R result)``.
+    """
+    cached = embedder if isinstance(embedder, CachedEncoder) else CachedEncoder(embedder)
+    out = Path(out_dir) if out_dir is not None else None
+    e = evaluate(cached, out_dir=out / "E" if out else None, reranker=None, **kwargs)
+    er = evaluate(cached, out_dir=out / "E+R" if out else None, reranker=reranker, rerank_k=rerank_k, **kwargs)
+    return e, er
 
 
 # ----------------------------------------------------------------------------------------------------- files

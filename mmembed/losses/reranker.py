@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmembed.backbone.pooling import last_token_pool
+
 Reduction = Literal["mean", "sum", "none"]
 
 
@@ -53,7 +55,8 @@ def _reduce(values: Tensor, reduction: Reduction) -> Tensor:
 def answer_logits(logits: Tensor, attention_mask: Tensor | None = None) -> Tensor:
     """Logits at the last real (non-padding) position of each sequence: the distribution of the next token.
 
-    Works for left and right padding: the position is the last one whose attention mask is 1.
+    Works for left and right padding: the position is the last one whose attention mask is 1 (the same position
+    :func:`mmembed.backbone.pooling.last_token_pool` reads for embeddings).
 
     Args:
         logits: (B, L, V) language-model logits.
@@ -64,14 +67,9 @@ def answer_logits(logits: Tensor, attention_mask: Tensor | None = None) -> Tenso
     """
     if logits.ndim != 3:
         raise ValueError(f"logits must be (B, L, V); got {tuple(logits.shape)}")
-    b, length, _ = logits.shape
     if attention_mask is None:
         return logits[:, -1]
-    positions = torch.arange(length, device=logits.device).expand(b, length)
-    last = torch.where(attention_mask.bool(), positions, torch.full_like(positions, -1)).amax(dim=1)
-    if (last < 0).any():
-        raise ValueError("a sequence has no real token (attention mask all zeros)")
-    return logits[torch.arange(b, device=logits.device), last]
+    return last_token_pool(logits, attention_mask, normalize=False)
 
 
 def pointwise_rerank_loss(
