@@ -217,8 +217,9 @@ class InputBuilder:
         ids: list[int] = []
         pvs = []
         for i, (part, (image, kind)) in enumerate(zip(parts[:-1], images)):
-            out = self.processor(text=[part + self.image_token], images=[load_image(image, what=f"{what} image {i}")],
-                                 return_tensors="pt", **self._image_kwargs(kind))
+            pil = load_image(image, what=f"{what} image {i}", max_pixels=self.max_pixels)
+            out = self.processor(text=[part + self.image_token], images=[pil], return_tensors="pt",
+                                 **self._image_kwargs(kind))
             ids += out["input_ids"][0].tolist()
             pvs.append(out["pixel_values"])
         if parts[-1]:
