@@ -348,10 +348,33 @@ def mine(cfg: DictConfig, checkpoint: str | None = None) -> Path:
     else:  # the configured backbone, frozen (mining never trains)
         embedder = Embedder(instantiate(cfg.backbone, finetune=None).eval())
     m = cfg.mining
-    summary = mine_hard_negatives(embedder, m.shards, m.out_dir, strategy=m.strategy, window=tuple(m.window), n=m.n,
-                                  k=m.k, seed=cfg.seed, batch_size=m.batch_size)
+    summary = mine_hard_negatives(embedder, m.shards, m.out_dir, strategy=m.strategy, window=tuple(m.window),
+                                  n=m.window_samples, k=m.rule_top_k, seed=cfg.seed, batch_size=m.batch_size)
     print(f"mined shards in {m.out_dir}/shards ({summary})")
     return Path(m.out_dir) / "shards"
+
+
+def judge_prerequisites(cfg: DictConfig) -> None:
+    """Stage 3 needs the stage-2 model (retrieval, and the start of fine-tuning) and, for ``strategy=judge``, a judge
+    (the kit's stage-1 model unless ``judge.model`` names one): build or reuse them in the stage store when not given,
+    as ``task=hnm`` does for the warm-up model."""
+    need_judge = cfg.judge.strategy == "judge" and not cfg.judge.model
+    if cfg.judge.checkpoint and not need_judge:
+        if cfg.task == "judge_ft" and not cfg.get("init_from"):
+            OmegaConf.update(cfg, "init_from", str(cfg.judge.checkpoint))
+        return
+    import stages  # experiments/stages.py (next to this file)
+
+    if not cfg.judge.checkpoint:
+        hnm = stages.prerequisite(cfg, "hnm", fit=fit, mine=mine)
+        OmegaConf.update(cfg, "judge.checkpoint", str(hnm.output("model")))
+        print(f"retrieving with the stage-2 model {cfg.judge.checkpoint}")
+    if need_judge:
+        stage1 = stages.prerequisite(cfg, "stage1", fit=fit, mine=mine)
+        OmegaConf.update(cfg, "judge.model", str(stage1.output("model")))
+        print(f"judging with the stage-1 model {cfg.judge.model}")
+    if cfg.task == "judge_ft" and not cfg.get("init_from"):
+        OmegaConf.update(cfg, "init_from", str(cfg.judge.checkpoint))  # stage 3 continues the stage-2 model
 
 
 def judge(cfg: DictConfig) -> Path:
@@ -368,11 +391,15 @@ def judge(cfg: DictConfig) -> Path:
         embedder = Embedder.from_pretrained(j.checkpoint)
     else:  # the configured backbone, frozen (curation never trains)
         embedder = Embedder(instantiate(cfg.backbone, finetune=None).eval())
+    from filelock import FileLock
+
     judge_model = Judge.from_pretrained(j.model) if j.model else None
-    summary = curate(embedder, judge_model, j.shards, j.out_dir, k=j.retrieve_top_k, max_negatives=j.max_negatives,
-                     strategy=j.strategy, skip_datasets=list(j.skip_datasets), batch_size=j.batch_size,
-                     embed_batch_size=j.embed_batch_size, reuse_prefix=j.reuse_prefix, seed=cfg.seed,
-                     cache_dir=j.cache_dir)
+    Path(j.cache_dir).mkdir(parents=True, exist_ok=True)
+    with FileLock(str(Path(j.cache_dir)) + ".lock"):  # parallel sweep points share the cache: judge once
+        summary = curate(embedder, judge_model, j.shards, j.out_dir, k=j.retrieve_top_k,
+                         max_negatives=j.max_negatives, strategy=j.strategy, skip_datasets=list(j.skip_datasets),
+                         batch_size=j.batch_size, embed_batch_size=j.embed_batch_size, reuse_prefix=j.reuse_prefix,
+                         seed=cfg.seed, cache_dir=j.cache_dir)
     t = summary.totals
     print(f"curated shards in {j.out_dir}/shards: {summary.queries} queries, {t['negatives']} negatives, "
           f"{t['extra_positives']} extra positives; planted false negatives caught {t['fn_caught']}, left as "
@@ -422,6 +449,8 @@ def run_task(cfg: DictConfig) -> dict[str, float] | None:
         warmup = stages.prerequisite(cfg, "warmup", fit=fit, mine=mine)
         OmegaConf.update(cfg, "mining.checkpoint", str(warmup.output("model")))
         print(f"mining with and continuing from the warm-up model {cfg.mining.checkpoint}")
+    if cfg.task in ("judge", "judge_ft"):
+        judge_prerequisites(cfg)
     apply_init_from(cfg)
     if cfg.task == "train":
         return train(cfg)

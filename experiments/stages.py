@@ -243,7 +243,7 @@ def judge(pipe: Pipeline, deps: Mapping[str, StageResult]) -> StageResult | None
         summary = jmod.curate(Embedder.from_pretrained(retriever), judge_obj, shards, ctx.folder, k=jc.k,
                               max_negatives=jc.max_negatives, strategy=jc.strategy)
         return {"outputs": {"shards": "shards", "summary": "summary.json"},
-                "metrics": {"summary": summary if isinstance(summary, dict) else str(summary)}}
+                "metrics": {"summary": summary.to_json() if hasattr(summary, "to_json") else summary}}
 
     return pipe.store.run("judge", ident, build, inputs={"retriever": fingerprint(retriever),
                                                          "judge_model": fingerprint(judge_model)})

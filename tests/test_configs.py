@@ -43,13 +43,12 @@ def test_exp_composes_and_instantiates(exp, tmp_path):
     assert head[0] == "# @package _global_"
     assert head[1].startswith(f"# python experiments/run.py +exp={exp}"), "exp files give their launch command"
     assert cfg.exp_name == exp
-    if exp.startswith("ablation_hn"):
-        n = int(exp.removeprefix("ablation_hn"))
-        assert cfg.data.num_hard_negatives == n
-        if n:  # mine n negatives with the warm-up checkpoint, then train on them
-            assert cfg.mining.n == n and cfg.task == "hnm" and cfg.mining.strategy == "rule"
-        else:  # the in-batch-only baseline row
-            assert cfg.task == "train"
+    if exp.startswith("ablation_hn"):  # Table 8: stage 3 with n judge-curated (or rule: top-n) negatives
+        n = int(exp.removeprefix("ablation_hn").removesuffix("_rule"))
+        assert cfg.task == "judge_ft" and cfg.hard_negatives == n
+        assert cfg.data.num_hard_negatives == cfg.judge.max_negatives == n  # one value, read by both
+        assert cfg.judge.strategy == ("rule" if exp.endswith("_rule") or n == 0 else "judge")
+        assert cfg.sweep.param == "hard_negatives"
     if exp.startswith("ablation_lora_r"):
         assert cfg.backbone.finetune.lora_r == int(exp.removeprefix("ablation_lora_r"))
     if exp.startswith("ablation_vtc"):
