@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmembed.eval import benchmarks, trec
+from mmembed.eval import suites, trec
 from mmembed.eval.mmeb import evaluate_mmeb
 from mmembed.eval.results import SupportsRerank, load_metrics
 from mmembed.eval.visdoc import evaluate_visdoc
@@ -292,15 +292,15 @@ def test_visdoc_e_plus_r_with_oracle(visdoc_data):
 
 
 def test_benchmark_lists():
-    counts = {task: len(names) for task, names in benchmarks.MMEB_META_TASKS.items()}
+    counts = {task: len(names) for task, names in suites.MMEB_META_TASKS.items()}
     assert counts == {"classification": 10, "vqa": 10, "retrieval": 12, "grounding": 4}
-    assert len(benchmarks.MMEB_OOD) == 16 and benchmarks.MMEB_OOD <= set(benchmarks.MMEB_SUBSETS)
-    assert [len(v) for v in benchmarks.VISDOC_GROUPS.values()] == [10, 4, 6, 4]
-    assert benchmarks.canonical_name("ImageNet_1K") == "ImageNet-1K"
-    assert benchmarks.canonical_name("biomedical_lectures_v2") == "ViDoRe_biomedical_lectures_v2_multilingual"
-    assert benchmarks.canonical_name("arxivqa") is None  # ViDoRe or VisRAG? ambiguous, so not guessed
-    assert benchmarks.visdoc_info("MMLongBench-doc") == benchmarks.SetInfo("ood", "ood")
-    assert benchmarks.mmeb_info("synth_cls_shape") is None
+    assert len(suites.MMEB_OOD) == 16 and suites.MMEB_OOD <= set(suites.MMEB_SUBSETS)
+    assert [len(v) for v in suites.VISDOC_GROUPS.values()] == [10, 4, 6, 4]
+    assert suites.canonical_name("ImageNet_1K") == "ImageNet-1K"
+    assert suites.canonical_name("biomedical_lectures_v2") == "ViDoRe_biomedical_lectures_v2_multilingual"
+    assert suites.canonical_name("arxivqa") is None  # ViDoRe or VisRAG? ambiguous, so not guessed
+    assert suites.visdoc_info("MMLongBench-doc") == suites.SetInfo("ood", "ood")
+    assert suites.mmeb_info("synth_cls_shape") is None
 
 
 # ------------------------------------------------------------------------------------------- real model
