@@ -24,6 +24,7 @@ def test_hard_negatives_is_one_value(tmp_path):
     assert cfg.judge.max_negatives == cfg.data.num_hard_negatives == 4
 
 
+@pytest.mark.slow  # ~30 s: saves a judge folder, creates an MLflow store, retrieves and judges
 def test_task_judge_curates_and_logs_to_mlflow(tmp_path):
     from mmembed import Embedder
 
