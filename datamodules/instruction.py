@@ -295,7 +295,8 @@ class InstructionDataModule(L.LightningDataModule):
     to :attr:`skip_counts` (:meth:`record_skips` outside Lightning).
 
     Args:
-        data_path: LLaVA JSON (list) or JSON-lines file.
+        data_path: LLaVA JSON (list) or JSON-lines file, or a list of them (mixed into one dataset; image paths are
+            relative to ``image_root``, default the first file's folder).
         image_root: Folder the records' image paths are relative to; default: the JSON file's folder.
         batch_size: Conversations per batch (per rank).
         max_tiles: InternVL tile cap per image (paper stage 1: 4).
@@ -314,7 +315,7 @@ class InstructionDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        data_path: str,
+        data_path: str | list[str],
         image_root: str | None = None,
         batch_size: int = 4,
         max_tiles: int = 4,
@@ -345,10 +346,14 @@ class InstructionDataModule(L.LightningDataModule):
         self.skip_counts = SkipCounter("instruct")
         self.val_skip_counts = SkipCounter("instruct-val")
 
-    def _dataset(self, path: str, image_root: str | None, name: str) -> InstructionDataset:
-        root = image_root if image_root is not None else str(Path(path).parent)
+    def _dataset(self, path: str | Sequence[str], image_root: str | None, name: str) -> InstructionDataset:
+        paths = [path] if isinstance(path, str | Path) else list(path)
+        if not paths:
+            raise ValueError("data_path is an empty list; give at least one LLaVA-style JSON file")
+        root = image_root if image_root is not None else str(Path(paths[0]).parent)
         encoder = ConversationEncoder(self.processor, root, self.max_tiles, self.max_length)
-        return InstructionDataset(load_records(path), encoder, name=name)
+        records = [r for p in paths for r in load_records(p)]  # several files: one mixed, shuffled dataset
+        return InstructionDataset(records, encoder, name=name)
 
     def setup(self, stage: str | None = None) -> None:
         # The rank is re-resolved on every call (a setup() by hand before Trainer.fit must not freeze rank 0 of 1).
