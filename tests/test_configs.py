@@ -55,7 +55,8 @@ def test_exp_composes_and_instantiates(exp, tmp_path):
         assert cfg.backbone.vtc_factor == int(exp.removeprefix("ablation_vtc"))
         assert "vtc_factor" not in cfg.data  # the factor reaches the data only through backbone.input_builder
     dm = instantiate(cfg.data)
-    assert dm.num_hard_negatives == cfg.data.get("num_hard_negatives", 0)  # the reranker data has none
+    if "num_hard_negatives" in cfg.data:  # contrastive data (stage 1 and the reranker read no hard-negative count)
+        assert dm.num_hard_negatives == cfg.data.num_hard_negatives
     cbs = [instantiate(c) for c in cfg.callbacks.values()]
     assert {type(c).__name__ for c in cbs} >= {"MMEBEvalCallback", "VisDocEvalCallback"}
     instantiate(cfg.trainer, logger=False)
@@ -102,9 +103,9 @@ def test_validation_gives_one_line_errors(tmp_path):
     cfg = _compose(tmp_path, ["backbone=local"])
     with pytest.raises(ConfigError, match="name_or_path"):
         validate(cfg)
-    cfg = _compose(tmp_path, ["+exp=stage2_hnm"])
+    cfg = _compose(tmp_path, ["+exp=stage2_hnm", "mining.checkpoint=/no/such/folder"])
     with pytest.raises(ConfigError, match="mining.checkpoint"):
-        validate(cfg)
+        validate(cfg)  # without mining.checkpoint the warm-up is built on demand; a wrong one is an error
     cfg = _compose(tmp_path, ["module.gradcache_chunk_size=4"])
     validate(cfg)  # moves clipping from the Trainer (unsupported in manual optimisation) into the module
     assert cfg.trainer.gradient_clip_val is None and cfg.module.gradient_clip_val == 1.0

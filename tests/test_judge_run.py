@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_hard_negatives_is_one_value(tmp_path):
-    cfg = _compose(tmp_path, ["+exp=stage3_judge_ft", "backbone.name_or_path=/stage2", "judge.model=/judge"])
+    cfg = _compose(tmp_path, ["+exp=stage3_judge_ft", "judge.checkpoint=/stage2", "judge.model=/judge"])
     assert cfg.task == "judge_ft" and cfg.hard_negatives == 12
     assert cfg.judge.max_negatives == cfg.data.num_hard_negatives == 12 and cfg.judge.retrieve_top_k == 20
     assert cfg.judge.checkpoint == "/stage2"

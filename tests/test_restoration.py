@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from datamodules import InstructionDataModule
-from mmembed.backbone import build_backbone, load_processor
+from mmembed.backbone import build_backbone, build_input_builder
 from mmembed.data.synth.instruct import make_conversation, make_instruct
 from mmembed.eval.generative import VQAExample, heldout_vqa, normalize_answer, vqa_exact_match
 
@@ -19,8 +19,13 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def processor():
-    return load_processor("tiny", vtc_factor=2)[0]
+def builder():
+    return build_input_builder("tiny", vtc_factor=2)
+
+
+@pytest.fixture(scope="module")
+def processor(builder):
+    return builder.processor
 
 
 def _world_conversations(folder: Path, n: int, seed: int = 0, kinds: tuple[str, ...] | None = None) -> Path:
@@ -43,9 +48,9 @@ def _world_conversations(folder: Path, n: int, seed: int = 0, kinds: tuple[str, 
     return folder / "llava.json"
 
 
-def test_world_conversations_label_only_assistant_replies(tmp_path, processor):
+def test_world_conversations_label_only_assistant_replies(tmp_path, processor, builder):
     path = _world_conversations(tmp_path, 12)
-    dm = InstructionDataModule(str(path), batch_size=4, num_workers=0, processor=processor, max_tiles=4)
+    dm = InstructionDataModule(str(path), batch_size=4, num_workers=0, input_builder=builder, max_tiles=4)
     dm.setup("fit")
     tok = processor.tokenizer
     records = json.loads(path.read_text())
@@ -58,10 +63,10 @@ def test_world_conversations_label_only_assistant_replies(tmp_path, processor):
         assert all(lab in (-100, t) for t, lab in zip(item["input_ids"], item["labels"]))
 
 
-def test_packed_loss_equals_unpacked_loss(tmp_path, processor):
+def test_packed_loss_equals_unpacked_loss(tmp_path, processor, builder):
     path = _world_conversations(tmp_path, 6)
     model = build_backbone("tiny", vtc_factor=2, finetune={"mode": "full"}).eval()
-    common = {"batch_size": 6, "num_workers": 0, "processor": processor, "max_tiles": 2, "max_length": 4096}
+    common = {"batch_size": 6, "num_workers": 0, "input_builder": builder, "max_tiles": 2, "max_length": 4096}
     batches = {}
     for pack in (False, True):
         dm = InstructionDataModule(str(path), pack=pack, **common)
@@ -75,12 +80,12 @@ def test_packed_loss_equals_unpacked_loss(tmp_path, processor):
     torch.testing.assert_close(losses[True], losses[False], atol=1e-5, rtol=1e-5)
 
 
-def test_restoration_module_overfits_a_few_conversations(tmp_path, processor):
+def test_restoration_module_overfits_a_few_conversations(tmp_path, processor, builder):
     from mmembed.modules import RestorationModule
 
     torch.manual_seed(0)
     path = _world_conversations(tmp_path, 4, kinds=("classification", "vqa"))
-    dm = InstructionDataModule(str(path), batch_size=4, num_workers=0, processor=processor, max_tiles=1, pack=True)
+    dm = InstructionDataModule(str(path), batch_size=4, num_workers=0, input_builder=builder, max_tiles=1, pack=True)
     dm.setup("fit")
     batch = dm.collate()([dm.train_dataset[i] for i in range(4)])
     backbone = build_backbone("tiny", vtc_factor=2, finetune={"mode": "full"})
