@@ -309,6 +309,8 @@ class ContrastiveDataModule(L.LightningDataModule):
         self.num_train_batches = 0
         self.num_val_batches: int | None = None
         self._train_epoch = SharedEpoch()
+        self._train_loader: RankLoader | None = None
+        self._train_position: dict[str, int] | None = None  # from a checkpoint, for the next train loader
         self._val_epoch = SharedEpoch()
         self._configured = False
 
@@ -413,10 +415,15 @@ class ContrastiveDataModule(L.LightningDataModule):
         self.setup("fit")
         dataset = self._pipeline(self.train_urls, train=True, counter=SkipCounter("train"),
                                  shared=self._train_epoch, repeat=True)
-        return RankLoader(dataset, num_batches=self.num_train_batches, shared_epoch=self._train_epoch,
-                          epoch_fn=self._current_epoch, num_workers=self.num_workers, name="train",
-                          pin_memory=self.pin_memory, seed=self.seed, rank=self.rank,
-                          position_fn=self._trained_batches)
+        loader = RankLoader(dataset, num_batches=self.num_train_batches, shared_epoch=self._train_epoch,
+                            epoch_fn=self._current_epoch, num_workers=self.num_workers, name="train",
+                            pin_memory=self.pin_memory, seed=self.seed, rank=self.rank,
+                            position_fn=self._trained_batches)
+        if self._train_position is not None:  # resuming: continue the epoch where the checkpoint stood
+            loader.load_state_dict(self._train_position)
+            self._train_position = None
+        self._train_loader = loader
+        return loader
 
     def val_dataloader(self) -> RankLoader | list:
         self.setup("validate")
@@ -447,11 +454,23 @@ class ContrastiveDataModule(L.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """Skip and drop totals survive a checkpoint/resume."""
-        return {"skip_counts": self.skip_counts.as_dict(), "val_skip_counts": self.val_skip_counts.as_dict(),
-                "dropped_counts": dict(self.dropped_counts)}
+        """Skip and drop totals and the training stream's position survive a checkpoint/resume.
+
+        The position is also what Lightning saves of the loader itself (``RankLoader.state_dict``), but Lightning
+        hands that back only if it builds the train loader after restoring its loops; a module whose
+        ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (e.g. a warm-up schedule) makes it
+        build the loader earlier, and the loader state is then silently dropped. The DataModule's own state is
+        restored before anything builds a loader, so the position travels here.
+        """
+        state: dict[str, Any] = {"skip_counts": self.skip_counts.as_dict(),
+                                 "val_skip_counts": self.val_skip_counts.as_dict(),
+                                 "dropped_counts": dict(self.dropped_counts)}
+        if self._train_loader is not None:
+            state["train_position"] = self._train_loader.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._train_position = state_dict.get("train_position")
         self.skip_counts = SkipCounter("train").merge(state_dict.get("skip_counts", {}))
         self.val_skip_counts = SkipCounter("val").merge(state_dict.get("val_skip_counts", {}))
         self.dropped_counts = Counter(state_dict.get("dropped_counts", {}))

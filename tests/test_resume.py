@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from transformers import get_cosine_schedule_with_warmup
 
 from callbacks.resume import ResumeState, capture_rng_state, restore_rng_state, saved_mlflow_run_id
 from datamodules.contrastive import ContrastiveDataModule
@@ -42,17 +44,33 @@ class _Losses(L.Callback):
         self.steps.append((trainer.global_step, float(outputs["loss"]), batch["ids"][0]))
 
 
+class _StopAt(L.Callback):
+    """Stop after step ``k`` (the checkpoint of that step is written first): the run that gets killed."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.k:
+            trainer.should_stop = True
+
+
 def _fit(shards: Path, max_steps: int, ckpt_dir: Path | None = None, ckpt_path: Path | None = None,
-         resume_state: bool = True) -> _Losses:
+         resume_state: bool = True, stop_at: int | None = None) -> _Losses:
     """Train the tiny backbone with LoRA dropout 0.3 (dropout makes every RNG draw visible in the losses)."""
     L.seed_everything(0, workers=True)
     backbone = build_backbone("tiny", vtc_factor=2, seed=0,
                               finetune={"mode": "lora", "lora_r": 4, "lora_dropout": 0.3})
-    module = ContrastiveModule(backbone, loss=InfoNCELoss(temperature=0.05))
+    # A warm-up schedule as the configs use: it reads trainer.estimated_stepping_batches, which makes Lightning
+    # build the train loader before it restores the loops (so the loader's own saved state would be dropped).
+    module = ContrastiveModule(backbone, loss=InfoNCELoss(temperature=0.05),
+                               scheduler=partial(get_cosine_schedule_with_warmup, num_warmup_steps=2))
     data = ContrastiveDataModule(str(shards / "*.tar"), batch_size=4, num_workers=0, shuffle_buffer=8,
                                  samples_per_epoch=20)  # 5 batches per epoch: the resume crosses an epoch boundary
     losses = _Losses()
     callbacks: list = [losses] + ([ResumeState()] if resume_state else [])
+    if stop_at is not None:
+        callbacks.append(_StopAt(stop_at))
     if ckpt_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=3, save_top_k=-1))
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, max_epochs=10, logger=False, callbacks=callbacks,
@@ -72,7 +90,8 @@ def shards(tmp_path_factory) -> Path:
 @pytest.mark.slow  # four short fits: ~30 s on an idle 2-core machine, 188 s measured under a shared load
 def test_resume_mid_epoch_gives_the_uninterrupted_losses(shards, tmp_path):
     full = _fit(shards, max_steps=8).steps
-    _fit(shards, max_steps=3, ckpt_dir=tmp_path / "ckpt")  # the run that was "killed" after its step-3 checkpoint
+    # The run that is "killed" after its step-3 checkpoint: same settings (the LR schedule spans max_steps).
+    _fit(shards, max_steps=8, ckpt_dir=tmp_path / "ckpt", stop_at=3)
     ckpt = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
     assert ckpt.is_file()
     resumed = _fit(shards, max_steps=8, ckpt_path=ckpt).steps
