@@ -350,7 +350,8 @@ def mine(cfg: DictConfig, checkpoint: str | None = None) -> Path:
     m = cfg.mining
     summary = mine_hard_negatives(embedder, m.shards, m.out_dir, strategy=m.strategy, window=tuple(m.window),
                                   n=m.window_samples, k=m.rule_top_k, seed=cfg.seed, batch_size=m.batch_size)
-    print(f"mined shards in {m.out_dir}/shards ({summary})")
+    print(f"mined shards in {m.out_dir}/shards: {summary.queries} queries, {summary.queries_per_s} queries/s "
+          f"(details: {m.out_dir}/summary.json)")
     return Path(m.out_dir) / "shards"
 
 

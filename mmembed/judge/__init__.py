@@ -1,7 +1,8 @@
 """MLLM-as-a-judge (paper §3.3 Stage 3): judgment template + Table 13, yes/no logits, retrieve-and-curate."""
 
+from mmembed.judge.curate import CurationSummary, curate
 from mmembed.judge.judge import Judge, JudgePair, JudgeScores, answer_token_ids, image_only_processor_class
 from mmembed.judge.templates import BINARY_LABEL_DATASETS, JUDGMENT_INSTRUCTIONS, judgment_instruction
 
-__all__ = ["BINARY_LABEL_DATASETS", "JUDGMENT_INSTRUCTIONS", "Judge", "JudgePair", "JudgeScores", "answer_token_ids",
-           "image_only_processor_class", "judgment_instruction"]
+__all__ = ["BINARY_LABEL_DATASETS", "JUDGMENT_INSTRUCTIONS", "CurationSummary", "Judge", "JudgePair", "JudgeScores",
+           "answer_token_ids", "curate", "image_only_processor_class", "judgment_instruction"]
