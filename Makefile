@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 
 # torch is pinned in the same command as everything else so the resolver takes the CPU wheel on this machine
 # (and the matching CUDA build on a GPU box) instead of downloading the newest CUDA build.
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml setup.py
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0" -e ".[dev]"

@@ -75,7 +75,7 @@ def write_bench_shards(root: Path, per_dataset: int = 128, per_shard: int = 32) 
 
 def bench_loader(shards: str, builder, workers: int, batch_size: int, negatives: int, batches: int) -> dict:
     """One epoch of ``batches + 1`` batches through ``ContrastiveDataModule``; the first batch is timed apart."""
-    from datamodules import ContrastiveDataModule
+    from mmembed.datamodules import ContrastiveDataModule
 
     dm = ContrastiveDataModule(shards, batch_size=batch_size, num_hard_negatives=negatives, num_workers=workers,
                                samples_per_epoch=(batches + 1) * batch_size, shuffle_buffer=64,

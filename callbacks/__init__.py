@@ -1,7 +1,8 @@
 """Lightning callbacks of the kit: evaluation on MMEB / VisDoc-format data during training.
 
-Names are imported lazily (PEP 562): Hydra imports ``callbacks.sweep`` for every run before the config is checked,
-and importing Lightning through ``callbacks.eval`` there would delay a one-line config error by seconds.
+Installed as ``mmembed.callbacks`` (the repository folder ``callbacks/``). Names are imported lazily (PEP 562): Hydra
+imports ``mmembed.callbacks.sweep`` for every run before the config is checked, and importing Lightning through
+``mmembed.callbacks.eval`` there would delay a one-line config error by seconds.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'callbacks' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"callbacks.{module}"), name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     globals()[name] = value
     return value
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
+from mmembed.callbacks.eval import BenchmarkEvalCallback
 
-from callbacks.eval import BenchmarkEvalCallback
 from mmembed.eval.generative import heldout_vqa, vqa_exact_match
 
 

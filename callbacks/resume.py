@@ -1,7 +1,7 @@
 """Exact resume: every RNG and the MLflow run travel in the Lightning checkpoint.
 
 Lightning checkpoints hold the weights, optimizer, schedulers and loop progress, and (through the loaders'
-``state_dict``) the data-stream position (see ``datamodules.common.RankLoader``), but not the random number
+``state_dict``) the data-stream position (see ``mmembed.datamodules.common.RankLoader``), but not the random number
 generators: with dropout on (e.g. LoRA dropout) a resumed run draws other masks than the uninterrupted run and
 its losses and scores drift. :class:`ResumeState` saves the python, numpy, torch and CUDA generator states in the
 checkpoint and puts them back just before the first training step after the resume, which is where the

@@ -15,9 +15,7 @@ from typing import Any
 
 import lightning as L
 import webdataset as wds
-from webdataset.utils import PipelineStage
-
-from datamodules.common import (
+from mmembed.datamodules.common import (
     EpochClock,
     RankLoader,
     SeededShuffle,
@@ -30,6 +28,8 @@ from datamodules.common import (
     split_by_rank,
     worker_info,
 )
+from webdataset.utils import PipelineStage
+
 from mmembed.backbone.inputs import InputBuilder
 from mmembed.data.decode import DecodedSample, decode_and_skip
 from mmembed.data.inspection import count_shards

@@ -19,9 +19,9 @@ from typing import Any
 
 import lightning as L
 import torch
+from mmembed.datamodules.common import add_counts, resolve_world
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from datamodules.common import add_counts, resolve_world
 from mmembed.backbone.inputs import InputBuilder, tiling_kwargs
 from mmembed.data.images import open_image
 from mmembed.data.skips import SkipCounter, SkipSample

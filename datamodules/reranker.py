@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import torch
+from mmembed.datamodules.contrastive import ContrastiveDataModule
 
-from datamodules.contrastive import ContrastiveDataModule
 from mmembed.backbone.rerank_inputs import MAX_LIST, RerankInputBuilder
 from mmembed.data.shards import DecodedSample
 

@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def build_data(out: Path, n: int, seed: int, side: int) -> Path:
@@ -58,8 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     import lightning as L
     import torch
+    from mmembed.datamodules.instruction import InstructionDataModule
 
-    from datamodules.instruction import InstructionDataModule
     from mmembed.backbone.model import build_backbone, load_processor
     from mmembed.judge import Judge
     from mmembed.judge.evaluate import evaluate_judge

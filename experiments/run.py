@@ -28,8 +28,6 @@ from omegaconf.errors import OmegaConfBaseException
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # datamodules/ and callbacks/ live next to mmembed/ (also installed by pip -e .)
-    sys.path.insert(0, str(ROOT))
 
 TASKS = ("train", "mine", "hnm", "eval", "judge", "judge_ft", "pipeline")
 
@@ -213,13 +211,12 @@ def _logger(cfg: DictConfig, parent_run_id: str | None = None, standalone: bool 
     if not cfg.get("logger"):
         return None
     from hydra.core.hydra_config import HydraConfig
-
-    from callbacks.sweep import mlflow_settings
+    from mmembed.callbacks.sweep import mlflow_settings
 
     settings = mlflow_settings(cfg)
     kw: dict[str, Any] = {}
     if settings is not None and cfg.get("ckpt_path"):
-        from callbacks.resume import saved_mlflow_run_id
+        from mmembed.callbacks.resume import saved_mlflow_run_id
 
         kw["run_id"] = saved_mlflow_run_id(cfg.ckpt_path)
         if kw["run_id"]:

@@ -320,7 +320,7 @@ def _rerank_row(pipe: Pipeline, deps: Mapping[str, StageResult]) -> dict[str, An
     rr = Reranker.from_pretrained(str(deps["reranker"].output("model")))
     row: dict[str, Any] = {"step": "+ reranker (E+R)", "stage": "reranker"}
     for name, c in (s.cfg.get("callbacks") or {}).items():
-        if c and str(c.get("_target_", "")).startswith("callbacks.eval.") and name in ("mmeb", "visdoc"):
+        if c and str(c.get("_target_", "")).startswith("mmembed.callbacks.eval.") and name in ("mmeb", "visdoc"):
             cb = instantiate(c, reranker=rr)
             result = cb.evaluate(embedder, Path(s.cfg.paths.output_dir) / "eval_er" / cb.benchmark, {})
             row.update(result.flat(cb.prefix))

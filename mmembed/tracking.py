@@ -262,7 +262,8 @@ def make_mlflow_logger(
         sweep_dir: Alternatively, the Hydra sweep folder: the parent is found or created by
             :func:`get_or_create_sweep_parent` (ignored when ``parent_run_id`` is given).
         log_model: Lightning's checkpoint-as-artifact option.
-        run_id: Continue this run instead of creating one (resume; see ``callbacks.resume.saved_mlflow_run_id``).
+        run_id: Continue this run instead of creating one (resume; see
+            ``mmembed.callbacks.resume.saved_mlflow_run_id``).
     """
     from lightning.fabric.utilities.rank_zero import rank_zero_only
     from lightning.pytorch.loggers import MLFlowLogger

@@ -11,9 +11,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
+from mmembed.callbacks import MMEBEvalCallback, VisDocEvalCallback
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks import MMEBEvalCallback, VisDocEvalCallback
 from mmembed.backbone import build_backbone, build_input_builder
 from mmembed.embedder import Embedder
 from mmembed.eval.results import load_metrics

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
+from mmembed.datamodules import ContrastiveCollate, ContrastiveDataModule, GroupByDataset, InstructionDataModule
+from mmembed.datamodules.common import EpochClock, SharedEpoch
 from PIL import Image
 
-from datamodules import ContrastiveCollate, ContrastiveDataModule, GroupByDataset, InstructionDataModule
-from datamodules.common import EpochClock, SharedEpoch
 from mmembed.data.schema import Sample, Side
 from mmembed.data.shards import DecodedSample, iter_decoded, write_shards
 

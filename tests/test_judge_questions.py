@@ -30,7 +30,7 @@ def test_written_records_are_stage1_conversations_and_match_the_judge_prompt(tmp
     held = json.loads((tmp_path / "instruct" / "judge_heldout.json").read_text())
     assert {r["id"] for r in records}.isdisjoint({r["conversations"][0]["value"] for r in held})
 
-    from datamodules.instruction import ConversationEncoder
+    from mmembed.datamodules.instruction import ConversationEncoder
 
     enc = ConversationEncoder(kit_judge_tiny.processor, tmp_path / "instruct", max_tiles=1)
     pairs, infos = load_pairs(tmp_path / "instruct" / "judge.json")

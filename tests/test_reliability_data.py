@@ -324,7 +324,7 @@ def test_converters_count_schema_errors_instead_of_stopping(tmp_path):
 
 
 def test_instruction_conversations_refuse_image_tokens_and_invalid_text(tmp_path, builder):
-    from datamodules.instruction import ConversationEncoder
+    from mmembed.datamodules.instruction import ConversationEncoder
 
     enc = ConversationEncoder(builder.processor, tmp_path)
     for value in ("what is <IMG_CONTEXT> here", "bad \ud800 text"):

@@ -9,9 +9,9 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
+from mmembed.datamodules.reranker import RerankerCollate, sample_example
 from PIL import Image
 
-from datamodules.reranker import RerankerCollate, sample_example
 from mmembed.backbone.rerank_inputs import RerankInputBuilder
 from mmembed.data.schema import Sample, Side
 from mmembed.data.shards import DecodedSample
@@ -105,7 +105,7 @@ def test_collate_never_uses_a_positive_as_negative(builder):
 
 
 def test_bad_list_settings_fail_with_the_fix():
-    from datamodules.reranker import check_settings
+    from mmembed.datamodules.reranker import check_settings
 
     with pytest.raises(ValueError, match="min_negatives <= max_negatives <= 8"):
         check_settings(2, 9, True, True)

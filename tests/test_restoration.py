@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from mmembed.datamodules import InstructionDataModule
 
-from datamodules import InstructionDataModule
 from mmembed.backbone import build_backbone, build_input_builder
 from mmembed.data.synth.instruct import make_conversation, make_instruct
 from mmembed.eval.generative import VQAExample, heldout_vqa, normalize_answer, vqa_exact_match

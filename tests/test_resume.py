@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from mmembed.callbacks.resume import ResumeState, capture_rng_state, restore_rng_state, saved_mlflow_run_id
+from mmembed.datamodules.contrastive import ContrastiveDataModule
 from transformers import get_cosine_schedule_with_warmup
 
-from callbacks.resume import ResumeState, capture_rng_state, restore_rng_state, saved_mlflow_run_id
-from datamodules.contrastive import ContrastiveDataModule
 from mmembed.backbone import build_backbone
 from mmembed.losses.infonce import InfoNCELoss
 from mmembed.modules import ContrastiveModule

@@ -119,7 +119,8 @@ def test_runner_scores_an_oracle_perfectly_and_a_collapsed_model_at_chance(tmp_p
 
 
 def test_synthetic_analogs_evaluate_through_the_callback_and_cli(tmp_path, tiny_embedder):
-    from callbacks.eval import XModalEvalCallback
+    from mmembed.callbacks.eval import XModalEvalCallback
+
     from mmembed.data.synth.world import SIZES
     from mmembed.data.synth.xmodal import write_xmodal
     from mmembed.eval import cli

@@ -41,7 +41,7 @@ def tiling_kwargs(max_tiles: int) -> dict:
     """InternVL dynamic-tiling arguments of the stock image processor for a tile cap (thumbnail added when > 1).
 
     The one home of how a tile cap becomes processor arguments: embedding inputs (``TilePolicy``) and stage-1
-    conversations (``datamodules.instruction``) both call it.
+    conversations (``mmembed.datamodules.instruction``) both call it.
     """
     if max_tiles < 1:
         raise ValueError(f"max_tiles must be >= 1, got {max_tiles}")

@@ -1,6 +1,6 @@
 """Reranker model inputs (paper §3.4): the pointwise and listwise prompts, encoded, and their answer tokens.
 
-The one home of reranker prompt construction, shared by training (``datamodules.reranker``) and inference
+The one home of reranker prompt construction, shared by training (``mmembed.datamodules.reranker``) and inference
 (``mmembed.Reranker``). A query and its candidate(s) go into one prompt; every image keeps the tiling of its own
 kind (natural 1 tile, document up to 4 + thumbnail), as the embedder tiles it.
 
