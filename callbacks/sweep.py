@@ -65,6 +65,17 @@ def swept_overrides(config: DictConfig) -> tuple[dict[str, list[str]], int | Non
     return swept, jobs
 
 
+
+def _sweep_parent(config: DictConfig) -> tuple[str, str] | None:
+    """``(parent run id, tracking URI)`` of this sweep's MLflow parent (created on first use); None without MLflow."""
+    from mmembed import tracking
+
+    settings = mlflow_settings(config)
+    if settings is None:
+        return None
+    parent = tracking.get_or_create_sweep_parent(sweep_dir=config.hydra.sweep.dir, **settings)
+    return parent, settings["tracking_uri"] or tracking.default_tracking_uri(settings["output_dir"])
+
 class MLflowSweepCallback(Callback):
     """See the module docstring. Summarises ``sweep.param`` (or the first swept key) on ``sweep.metrics``."""
 
@@ -89,11 +100,10 @@ class MLflowSweepCallback(Callback):
         if config.hydra.mode != RunMode.MULTIRUN:
             return
         try:
-            settings = mlflow_settings(config)
-            if settings is None:
+            found = _sweep_parent(config)
+            if found is None:
                 return
-            parent = tracking.get_or_create_sweep_parent(sweep_dir=config.hydra.sweep.dir, **settings)
-            uri = settings["tracking_uri"] or tracking.default_tracking_uri(settings["output_dir"])
+            parent, uri = found
             param = tracking.resolve_swept_param(config.sweep.get("param"), tracking.swept_keys(parent, uri))
             value = OmegaConf.select(config, param, default=None)
             failed = job_return.status == JobStatus.FAILED
@@ -112,11 +122,10 @@ class MLflowSweepCallback(Callback):
         from mmembed import tracking
 
         try:
-            settings = mlflow_settings(config)
-            if settings is None:
+            found = _sweep_parent(config)
+            if found is None:
                 return
-            parent = tracking.get_or_create_sweep_parent(sweep_dir=config.hydra.sweep.dir, **settings)
-            uri = settings["tracking_uri"] or tracking.default_tracking_uri(settings["output_dir"])
+            parent, uri = found
             # The jobs' configs (e.g. an exp file's sweep.param) decided the param; the parent remembers it.
             param = tracking.swept_param_of(parent, uri) or tracking.resolve_swept_param(
                 config.sweep.get("param"), tracking.swept_keys(parent, uri))
