@@ -243,7 +243,8 @@ def test_stage_exp_files_follow_table_14(tmp_path):
     s1 = _compose(tmp_path, ["+exp=stage1_restoration"])
     assert s1.backbone.finetune.mode == "full" and s1.data.pack and s1.data.max_tiles == 4
     assert s1.trainer.accumulate_grad_batches > 1 and s1.module._target_.endswith("RestorationModule")
-    assert s1.data.data_path.endswith("instruct/llava.json")
+    # the conversations and the judge questions: the stage-1 model is the pipeline's judge
+    assert [p.rsplit("/", 1)[1] for p in s1.data.data_path] == ["llava.json", "judge.json"]
 
 
 # ------------------------------------------------------------------------------------------------ end to end
