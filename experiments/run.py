@@ -148,9 +148,8 @@ def validate(cfg: DictConfig) -> None:
         j = cfg.judge
         if j.strategy not in ("judge", "rule"):
             raise ConfigError(f"judge.strategy={j.strategy!r} must be 'judge' or 'rule'")
-        if j.strategy == "judge" and not j.model:
-            raise ConfigError("judge.strategy=judge needs judge.model=<judge checkpoint folder> (any local "
-                              "image-text-to-text folder, or a kit stage-1 folder); or use judge.strategy=rule")
+        # judge.model / judge.checkpoint left null are built on demand (judge_prerequisites): the kit's stage-1 model
+        # and the stage-2 model, from the stage store
         for key in ("model", "checkpoint"):
             if j[key] and not Path(j[key]).is_dir():
                 raise ConfigError(f"judge.{key}={j[key]} is not a folder")

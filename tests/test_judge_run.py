@@ -48,6 +48,6 @@ def test_task_judge_curates_and_logs_to_mlflow(tmp_path):
     assert {a.path for a in client.list_artifacts(r.info.run_id)} == {"summary.json", "manifest.jsonl"}
 
     with open_dict(cfg):
-        cfg.judge.model = None
-    with pytest.raises(SystemExit, match="needs judge.model"):
+        cfg.judge.model = "/no/such/judge"
+    with pytest.raises(SystemExit, match="judge.model=/no/such/judge is not a folder"):
         run.validate(cfg)
