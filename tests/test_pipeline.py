@@ -262,7 +262,9 @@ def test_pipeline_smoke_runs_chains_and_reuses(tmp_path):
     r = _run(tmp_path, ["+exp=pipeline_smoke"])
     summary = json.loads((tmp_path / "run" / "pipeline_summary.json").read_text())
     steps = [row["step"] for row in summary["rows"]]
-    assert steps[:4] == ["base model", "+ stage 1 restoration", "+ stage 2 warm-up", "+ global HNM"]
+    assert steps == ["base model", "+ stage 1 restoration", "+ stage 2 warm-up", "+ global HNM",
+                     "+ judge curation (stage 3)", "+ reranker (E+R)"]  # the whole chain: Table 7's rows
+    assert not summary["skipped"]
     assert "MMEB" in r.stdout and "VISDOC" in r.stdout
     stages = {n: s for n, s in summary["stages"].items() if s}
     done = {n: json.loads((Path(s["folder"]) / COMPLETE).read_text()) for n, s in stages.items() if n != "eval"}
@@ -279,12 +281,12 @@ def test_pipeline_smoke_runs_chains_and_reuses(tmp_path):
     (parent,) = [x for x in runs if x.data.tags.get("mmembed.pipeline") == "true"]
     children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(x.data.tags.get("mlflow.runName") for x in children) == [
-        f"pipeline_smoke/{n}" for n in ("hnm", "stage1", "warmup")]  # the training stages (mining logs no run)
+        f"pipeline_smoke/{n}" for n in ("hnm", "reranker", "stage1", "stage3", "warmup")]  # training stages only
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "pipeline_summary")}
     assert {"pipeline_summary/summary.csv", "pipeline_summary/summary.png"} <= arts
     # a second run reuses every complete stage
     r2 = _run(tmp_path, ["+exp=pipeline_smoke"], run="run2")
-    assert r2.stdout.count("reusing complete stage") == 4
+    assert r2.stdout.count("reusing complete stage") == 7  # stage1 warmup mine hnm judge stage3 reranker
 
 
 def test_slurm_launcher_config_composes_for_multinode(tmp_path):
