@@ -275,10 +275,11 @@ def build_backbone(
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     ft = finetune if isinstance(finetune, FinetuneConfig) else FinetuneConfig(**(finetune or {"mode": "frozen"}))
-    config = load_config(name_or_path)
-    tokens_per_tile(config, factor)  # a factor that does not divide the grid fails here, before any weight loads
-    builder = build_input_builder(
-        name_or_path, factor,
+    # One read of the config for the processor and the model; a factor that does not divide the grid fails here,
+    # before any weight loads.
+    processor, config = load_processor(name_or_path, factor)
+    builder = _input_builder(
+        processor,
         tile_policy if tile_policy is not None else saved.get("tile_policy"),
         use_chat_template if use_chat_template is not None else saved.get("use_chat_template", True),
         max_text_tokens if max_text_tokens is not None else saved.get("max_text_tokens", 256),
@@ -306,6 +307,11 @@ def build_input_builder(name_or_path: str | Path = "tiny", vtc_factor: int | Non
     ``fast_images=False`` preprocesses images with the stock processor instead of ``mmembed.backbone.pixels``.
     """
     processor, _ = load_processor(name_or_path, vtc_factor)
+    return _input_builder(processor, tile_policy, use_chat_template, max_text_tokens, pooled_token, fast_images)
+
+
+def _input_builder(processor, tile_policy: TilePolicy | dict | None, use_chat_template: bool, max_text_tokens: int,
+                   pooled_token: str, fast_images: bool = True) -> InputBuilder:
     policy = tile_policy if isinstance(tile_policy, TilePolicy) or tile_policy is None else TilePolicy(**tile_policy)
     return InputBuilder(processor, policy, use_chat_template=use_chat_template, max_text_tokens=max_text_tokens,
                         pooled_token=pooled_token, fast_images=fast_images)
