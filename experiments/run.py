@@ -333,16 +333,21 @@ def print_results(rows: dict[str, tuple[float | None, float]]) -> None:
     Console().print(table)
 
 
+def frozen_embedder(cfg: DictConfig, folder: str | None):
+    """The Embedder of an exported ``folder``, else of the configured backbone, frozen (mining and curation never
+    train)."""
+    from mmembed import Embedder
+
+    if folder:
+        return Embedder.from_pretrained(folder)
+    return Embedder(instantiate(cfg.backbone, finetune=None).eval())
+
+
 def mine(cfg: DictConfig, checkpoint: str | None = None) -> Path:
     """Mine hard negatives for ``mining.shards``; returns the folder of mined shards."""
-    from mmembed import Embedder
     from mmembed.mining.mine import mine_hard_negatives
 
-    ckpt = checkpoint or cfg.mining.checkpoint
-    if ckpt:
-        embedder = Embedder.from_pretrained(ckpt)
-    else:  # the configured backbone, frozen (mining never trains)
-        embedder = Embedder(instantiate(cfg.backbone, finetune=None).eval())
+    embedder = frozen_embedder(cfg, checkpoint or cfg.mining.checkpoint)
     m = cfg.mining
     summary = mine_hard_negatives(embedder, m.shards, m.out_dir, strategy=m.strategy, window=tuple(m.window),
                                   n=m.window_samples, k=m.rule_top_k, seed=cfg.seed, batch_size=m.batch_size)
@@ -379,15 +384,11 @@ def judge(cfg: DictConfig) -> Path:
 
     The summary is also logged to MLflow as its own run when a logger is configured.
     """
-    from mmembed import Embedder
     from mmembed.judge import Judge
     from mmembed.judge.curate import curate
 
     j = cfg.judge
-    if j.checkpoint:
-        embedder = Embedder.from_pretrained(j.checkpoint)
-    else:  # the configured backbone, frozen (curation never trains)
-        embedder = Embedder(instantiate(cfg.backbone, finetune=None).eval())
+    embedder = frozen_embedder(cfg, j.checkpoint)
     from filelock import FileLock
 
     judge_model = Judge.from_pretrained(j.model) if j.model else None
