@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     module = RestorationModule(backbone, optimizer=partial(torch.optim.AdamW, lr=args.lr))
     # max_tiles=1: the judge prompts its processor with one tile per image, so train the same way.
     data = InstructionDataModule(str(train_file), batch_size=args.batch_size, max_tiles=1, num_workers=0,
-                                 processor=processor, seed=args.seed)
+                                 input_builder=backbone.input_builder, seed=args.seed)
     trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_model_summary=False, log_every_n_steps=10)
     t_fit = time.perf_counter()
