@@ -65,13 +65,12 @@ from benchmarks.common import (
     natural_images,
     print_shape_table,
     print_table,
-    proc_status_bytes,
     ratio_line,
-    release_and_reset_peak_rss,
     run_interleaved,
     tile_side,
     total_memory_bytes,
 )
+from mmembed.memory import proc_status_bytes, release_and_reset_peak_rss
 
 GOAL = 1.8  # from the issue: training-step samples/s of VTC over native on CPU
 FACTORS = (2, 1)
