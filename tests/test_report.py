@@ -6,6 +6,7 @@ All scores below are made up for the test; they are not results.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -24,6 +25,7 @@ from mmembed.report.stats import Cell, Comparison
 from tests.test_tracking import fresh_sqlite_uri
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 ROOT = Path(__file__).resolve().parents[1]
 MMEB, VISDOC = "val/mmeb/overall", "val/visdoc/overall"
 
@@ -65,6 +67,45 @@ def test_verdicts_against_two_standard_errors():
     assert Comparison("q", "m", Cell({"0": 9.0, "1": 11.5}), Cell({"0": 10.0, "1": 12.0}),
                       not_worse=True).verdict == stats.WITHIN
     assert Comparison("q", "m", b, a, not_worse=True).verdict == stats.FAILS
+
+
+def test_per_query_scores_and_paired_bootstrap():
+    from mmembed.report.bootstrap import paired_bootstrap, per_query
+
+    qrels = {"q1": {"d1": 1}, "q2": {"d2": 1}, "q3": {"d9": 0}}  # q3 has no relevant document: not scored
+    run = {"q1": {"d1": 0.9, "d2": 0.1}, "q2": {"d1": 0.9, "d2": 0.5}}
+    assert per_query(run, qrels, "precision@1") == {"q1": 100.0, "q2": 0.0}
+    ndcg = per_query(run, qrels, "ndcg@5")
+    assert ndcg["q1"] == pytest.approx(100.0) and ndcg["q2"] == pytest.approx(100.0 / math.log2(3))
+    # A beats B on every query of every set: every replicate is positive. Equal sides: the interval is [0, 0].
+    a = {"s1": {f"q{i}": 100.0 for i in range(20)}, "s2": {"q0": 50.0, "q1": 50.0}}
+    b = {"s1": {f"q{i}": 100.0 * (i % 2) for i in range(20)}, "s2": {"q0": 0.0, "q1": 50.0}}
+    observed, reps = paired_bootstrap([(a, b)], reps=200)
+    assert observed == pytest.approx((50.0 + 25.0) / 2) and len(reps) == 200 and reps.min() >= 0
+    assert _span(paired_bootstrap([(a, a)], reps=50)[1]) == (0.0, 0.0)
+    assert paired_bootstrap([({"s1": {"q": 1.0}}, {"s2": {"q": 1.0}})]) is None  # no common set
+
+
+def _span(values):
+    """(min, max) of bootstrap replicates."""
+    return float(values.min()), float(values.max())
+
+
+def _log_eval(client, run_id, hits: int, tmp: Path, total: int = 20):
+    """Eval files as the eval callbacks log them (eval/step*-end/<benchmark>/: metrics.json, runs/, qrels/): the
+    relevant document is ranked first for ``hits`` of ``total`` queries, second for the others."""
+    from mmembed.eval import trec
+    from mmembed.eval.results import BenchmarkResult, SetScore
+
+    for bench, metric in (("mmeb", "precision@1"), ("visdoc", "ndcg@5")):
+        folder = tmp / run_id / bench
+        run = {f"q{i}": {f"pos{i}": 0.9 if i < hits else 0.4, "other": 0.5} for i in range(total)}
+        trec.write_run(folder / "runs" / "set1.run", run)
+        trec.write_qrels(folder / "qrels" / "set1.qrels", {f"q{i}": {f"pos{i}": 1} for i in range(total)})
+        result = BenchmarkResult(bench, metric, "E", {"set1": SetScore("set1", "g", None, 0.0, {}, total, total + 1,
+                                                                       "runs/set1.run", "qrels/set1.qrels")})
+        (folder / "metrics.json").write_text(json.dumps(result.to_dict()))
+        client.log_artifacts(run_id, str(folder), f"eval/step0000004-end/{bench}")
 
 
 # ------------------------------------------------------------------------------------------------ MLflow runs
@@ -113,6 +154,13 @@ def store(tmp_path_factory):
     root = tmp / "logs"
     uri = fresh_sqlite_uri(root)
     t10 = _table10(uri, root, tmp / "multirun" / "t10")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    for run in tracking.child_runs(client, t10):  # eval files for r=8 and r=16: r=16 ranks better on more queries
+        r = int(run.data.params["backbone.finetune.lora_r"])
+        if r in (8, 16) and run.info.status == "FINISHED":
+            _log_eval(client, run.info.run_id, 20 if r == 16 else 10, tmp / "eval")
     # Table 8 (a subset of n): judge beats rule at n=4 by a lot, MLLM n=16 is the MMEB peak.
     t8 = tracking.start_sweep("mmembed", tmp / "multirun" / "t8", {"+exp": ["ablation_hn0"], "seed": ["0", "1"]},
                               num_jobs=8, tracking_uri=uri, output_dir=root)
@@ -180,6 +228,11 @@ def test_report_tables_cells_failed_runs_claims_and_plots(store):
     assert t10["r=16 best on Avg.: r=16 vs r=8"].verdict == stats.BEYOND  # 70 vs 66, 2·SE = 2.35
     assert t10["r=16 best on Avg.: r=16 vs r=32"].verdict == stats.BEYOND
     assert "Ours is best on Avg. at **r = 16** (paper: r = 16)." in md
+    # The paired bootstrap over queries from the runs' eval files: MMEB 100 vs 50, VisDoc NDCG@5 100 vs 81.55.
+    d, lo, hi, k = t10["r=16 best on Avg.: r=16 vs r=8"].query
+    assert k == 2 and d == pytest.approx((50.0 + (100.0 - (10 * 100.0 + 10 * 100.0 / math.log2(3)) / 20)) / 2)
+    assert 0 < lo < d < hi and t10["r=16 best on Avg.: r=16 vs r=8"].query_verdict == stats.BEYOND
+    assert t10["r=16 best on Avg.: r=16 vs r=32"].query is None  # r=32 logged no eval files
     # Table 8: hn0 fills n=0 of both columns; judge beats rule; the peak.
     t8 = {(c.claim, c.metric): c for c in sections[1].claims}
     assert t8[("(b) MLLM beats rule at n=4", "MMEB")].a.mean == 55.5 and t8[("(b) MLLM beats rule at n=4",
@@ -251,3 +304,30 @@ def test_console_script_is_declared():
     r = subprocess.run([sys.executable, "-m", "mmembed.report.cli", "--help"], cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and "--parent TABLE=RUN_ID" in r.stdout
+
+
+@pytest.mark.slow
+def test_report_from_a_real_two_point_two_seed_sweep(tmp_path):
+    """experiments/run.py -m over 2 LoRA ranks x 2 seeds (a few steps, 4 eval queries), then mmembed-report."""
+    short = ["synth.size=ci", "trainer.max_steps=2", "data.samples_per_epoch=32", "data.batch_size=4",
+             "data.num_workers=0", "trainer.log_every_n_steps=1", "save_embedder=false",
+             "callbacks.mmeb.max_queries=4", "callbacks.visdoc.max_queries=4", "callbacks.mmeb.eval_at_start=false",
+             "callbacks.visdoc.eval_at_start=false"]
+    env = {**os.environ, "MMEMBED_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), "-m",
+                        "+exp=ablation_lora_r8,ablation_lora_r16", "seed=0,1", *short,
+                        f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "docs" / "reproduction.md"
+    rc = subprocess.run([sys.executable, "-m", "mmembed.report.cli", "--out", str(out), "--img-dir",
+                         str(tmp_path / "docs" / "img")], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
+                        capture_output=True, text=True, timeout=300)
+    assert rc.returncode == 0, rc.stderr[-3000:]
+    md = out.read_text()
+    assert md.count("**Not run**") == 3 and (tmp_path / "docs" / "img" / "repro_table10.png").is_file()
+    rows = {int(m.group(1)): m.group(0) for m in re.finditer(r"^\| (8|16) \| (16|32) \| .*$", md, re.M)}
+    assert set(rows) == {8, 16}
+    for row in rows.values():  # mean ± std over the two seeds beside the paper's value, for MMEB, VisDoc, Avg.
+        assert row.count("(n=2)") == 3 and "| 62.9 |" in row
+    assert "Failed or unfinished runs: none." in md

@@ -34,12 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text file with the commands that made the runs, quoted in the report")
     p.add_argument("--pipeline-exp", default="pipeline",
                    help="exp name of the Table 7 pipeline runs (default: pipeline; 'any' for every pipeline run)")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="REPS",
+                   help="replicates of the paired bootstrap over queries (0: skip it; default 1000)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per downloaded eval folder
     from mmembed.report.collect import ReportError, Store, parse_pins
     from mmembed.report.document import write_report
 
@@ -55,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         commands = args.commands if Path(args.commands).is_file() else None
         call = "mmembed-report " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
         sections = write_report(store, args.out, args.img_dir, tables, pins, commands,
-                                None if args.pipeline_exp == "any" else args.pipeline_exp, call.strip())
+                                None if args.pipeline_exp == "any" else args.pipeline_exp, call.strip(),
+                                args.bootstrap)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -100,6 +100,7 @@ class Store:
                                   "or pass --tracking-uri sqlite:///<root>/logs/mlflow.db")
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
+        self.query_bootstrap: Any = None  # a mmembed.report.bootstrap.QueryBootstrap when the report computes one
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             names = [e.name for e in self.client.search_experiments()]

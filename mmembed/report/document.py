@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mmembed import tracking
+from mmembed.report.bootstrap import QueryBootstrap
 from mmembed.report.collect import Store, commits
 from mmembed.report.stats import BEYOND, FAILS, NOT_RUN, WITHIN
 from mmembed.report.tables import BUILDERS, COMMANDS, TITLES, Section, fmt_seconds
@@ -28,8 +29,14 @@ are printed beside ours (columns "(paper)"; grey dashed lines on the right axis 
   noise is unknown and the verdict says so. Where both sides ran the same seeds, the column "paired by seed" gives
   the mean per-seed difference ± 2 standard errors of it, and the same verdict on that paired difference (a paired
   comparison removes the seed's shared share of the noise, so it can be sharper).
-- No per-query bootstrap: the verdicts use seed-to-seed variation only. (The eval callbacks do log TREC run and qrels
-  files per evaluation as run artifacts, so a paired bootstrap over queries could be added later.)
+- **Query noise.** The verdict column uses seed-to-seed variation. For MMEB and VisDoc claims, the last column adds a
+  paired bootstrap over the eval queries, recomputed from the TREC run and qrels files the eval callbacks log as
+  run artifacts: per seed both sides ran, each eval set's queries are resampled with replacement (the same draw for
+  A and B), each side's overall score is recomputed (mean over sets of the per-query Precision@1 / NDCG@5, x100),
+  and the difference A − B is averaged over the seeds ("Avg.": the mean of the MMEB and VisDoc differences);
+  `[2.5%, 97.5%]` of the replicates is shown, and the claim holds beyond query noise when that interval lies on the
+  claimed side of 0. "—": the runs have no eval files (Table 7's rows come from pipeline summaries; time and memory
+  have no queries).
 - Wall time per table: the sum of its runs' durations (MLflow start to end) and the span of its parent run(s).
   Prerequisite stages built on demand (e.g. the stage-2 model of Table 8, built once in the stage store) are runs of
   their own and not counted.
@@ -59,6 +66,7 @@ def write_report(
     commands_file: str | Path | None = None,
     pipeline_experiment: str | None = "pipeline",
     command_line: str = "mmembed-report",
+    bootstrap_reps: int = 1000,
 ) -> list[Section]:
     """Build the sections of ``tables`` from ``store`` and write the markdown report and its plots.
 
@@ -71,12 +79,14 @@ def write_report(
         commands_file: A text file with the commands that made the runs, quoted in the report.
         pipeline_experiment: Exp name of the Table 7 pipeline runs (None: any pipeline run).
         command_line: How the report was invoked (quoted in the header).
+        bootstrap_reps: Replicates of the paired bootstrap over queries (0: none).
 
     Returns:
         The sections, in table order.
     """
     out, img_dir = Path(out), Path(img_dir)
     pins = pins or {}
+    store.query_bootstrap = QueryBootstrap(store.client, bootstrap_reps) if bootstrap_reps > 0 else None
     sections = []
     for table in tables:
         if table not in BUILDERS:

@@ -30,9 +30,11 @@ class Cell:
 
     Attributes:
         values: ``{seed: value}`` of the runs that finished with a finite value.
+        runs: ``{seed: run id}`` of those runs (for the per-query bootstrap; may be empty).
     """
 
     values: Mapping[str, float] = field(default_factory=dict)
+    runs: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -68,7 +70,9 @@ def combine(a: Cell, b: Cell, how: str = "mean") -> Cell:
     """Per-seed combination of two cells over their common seeds (``how="mean"``: Table 8/10's "Avg.")."""
     if how != "mean":
         raise ValueError(f"unknown combination {how!r}")
-    return Cell({s: (a.values[s] + b.values[s]) / 2 for s in a.values if s in b.values})
+    seeds = [s for s in a.values if s in b.values]
+    return Cell({s: (a.values[s] + b.values[s]) / 2 for s in seeds},
+                {s: a.runs[s] for s in seeds if s in a.runs and a.runs[s] == b.runs.get(s)})
 
 
 def _verdict(diff: float, se: float, sign_ok: bool) -> str:
@@ -91,6 +95,8 @@ class Comparison:
         lower_is_better: True for costs (time, memory): "better" means smaller.
         not_worse: The claim is "``a`` about as good as ``b``" (Table 9's quality): it holds when ``a`` is not worse,
             holds within noise when ``a`` is worse by less than two standard errors, and does not hold otherwise.
+        query: ``(difference, 2.5%, 97.5%, seeds)`` of the paired bootstrap over queries
+            (``mmembed.report.bootstrap``), when the runs' eval files allowed it.
     """
 
     claim: str
@@ -99,6 +105,7 @@ class Comparison:
     b: Cell
     lower_is_better: bool = False
     not_worse: bool = False
+    query: tuple[float, float, float, int] | None = None
 
     @property
     def diff(self) -> float:
@@ -145,15 +152,32 @@ class Comparison:
         _, mean, se = p
         return self._judge(mean, se)
 
+    @property
+    def query_verdict(self) -> str | None:
+        """The bootstrap's verdict: beyond query noise when the 95% interval lies on the claimed side of 0."""
+        if self.query is None:
+            return None
+        diff, lo, hi, _ = self.query
+        if self.not_worse:
+            return "holds (not worse)" if diff >= 0 else (WITHIN if hi >= 0 else FAILS)
+        if not self._sign_ok(diff):
+            return FAILS
+        inside = hi < 0 if self.lower_is_better else lo > 0
+        return BEYOND if inside else WITHIN
+
     def row(self) -> dict[str, str]:
         """The claim as a row of the report's claims table."""
         p = self.paired
         paired = "—" if p is None else f"{p[1]:+.2f} ± {2 * p[2]:.2f} (k={p[0]}): {self.paired_verdict}"
         two_se = "—" if math.isnan(self.se) else f"{2 * self.se:.2f}"
         diff = "—" if math.isnan(self.diff) else f"{self.diff:+.2f}"
+        query = "—"
+        if self.query is not None:
+            d, lo, hi, k = self.query
+            query = f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}] (k={k}): {self.query_verdict}"
         return {"claim": self.claim, "metric": self.metric, "A (claimed better)": self.a.fmt(),
                 "B": self.b.fmt(), "A − B": diff, "2·SE (Welch)": two_se, "paired by seed (±2·SE)": paired,
-                "verdict": f"**{self.verdict}**"}
+                "verdict": f"**{self.verdict}**", "queries: paired bootstrap, 95% CI": query}
 
 
 def ratio(a: Cell, b: Cell) -> float:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from mmembed.report import paper
+from mmembed.report.bootstrap import QueryBootstrap
 from mmembed.report.collect import SWEEP_TABLES, RunRecord, Store, commits, latest_per_seed, params_of, record
 from mmembed.report.plots import Panel, Series, plot_panels
 from mmembed.report.stats import Cell, Comparison, combine, ratio
@@ -73,12 +74,14 @@ class Section:
 
 def cell(records: Sequence[RunRecord], value: Callable[[RunRecord], float]) -> Cell:
     """The finite values of ``value(record)`` of the finished records, newest per seed."""
-    out = {}
+    out, runs = {}, {}
     for seed, r in latest_per_seed(records).items():
         v = value(r)
         if v is not None and math.isfinite(v):
             out[seed] = float(v)
-    return Cell(out)
+            if r.run_id:
+                runs[seed] = r.run_id
+    return Cell(out, runs)
 
 
 def metric_cells(records: Sequence[RunRecord]) -> dict[str, Cell]:
@@ -119,9 +122,23 @@ def failed_lines(records: Sequence[RunRecord]) -> list[str]:
     return lines
 
 
-def claims_lines(claims: Sequence[Comparison], extra: Sequence[str] = ()) -> list[str]:
+BENCHMARKS = {"MMEB": "mmeb", "VisDoc": "visdoc", "Avg.": "avg"}  # claim metric -> eval benchmark (query bootstrap)
+
+
+def with_query_bootstrap(claim: Comparison, boot: QueryBootstrap | None) -> Comparison:
+    """The claim with its paired bootstrap over queries, when ``boot`` is given and both sides have eval files."""
+    bench = BENCHMARKS.get(claim.metric)
+    if boot is None or bench is None or not claim.a.runs or not claim.b.runs:
+        return claim
+    return replace(claim, query=boot.compare(claim.a.runs, claim.b.runs, bench))
+
+
+def claims_lines(section: Section, store: Store, extra: Sequence[str] = ()) -> list[str]:
+    """Attach the query bootstrap to the section's claims and render them as a markdown table."""
     import pandas as pd
 
+    section.claims = [with_query_bootstrap(c, store.query_bootstrap) for c in section.claims]
+    claims = section.claims
     if not claims:
         return ["No claim could be checked (missing points)."]
     lines = ["Claims (A − B > 2·SE ⇒ *holds beyond noise*; see *How to read this report*):", "",
@@ -181,9 +198,13 @@ def _number_key(records: Sequence[RunRecord], table: str, param: str) -> dict[in
         if raw is None and r.experiment:
             m = SWEEP_TABLES[table].fullmatch(r.experiment)
             raw = m.group(1) if m else None
-        if raw is None:
-            continue
-        out.setdefault(int(float(raw)), []).append(r)
+        try:
+            value = int(float(raw)) if raw is not None else None
+        except ValueError:
+            value = None
+        if value is None:
+            continue  # listed among the failed runs when it failed; a finished run without the param is not a point
+        out.setdefault(value, []).append(r)
     return dict(sorted(out.items()))
 
 
@@ -228,7 +249,7 @@ def table8(store: Store, out: Path, img_dir: Path, pinned: Sequence[str] | None 
     section.claims = [c for c in claims if c.a.n or c.b.n]
     extra = ["", *_peak_lines(cells["judge"], ns)]
     section.claims += _peak_claims(cells["judge"], ns)
-    section.body += claims_lines(section.claims, extra)
+    section.body += claims_lines(section, store, extra)
 
     path = img_dir / "repro_table8.png"
     panels = [Panel(NAMES[m], [Series("MLLM HN", [cells["judge"][n][m] for n in ns]),
@@ -308,7 +329,7 @@ def table9(store: Store, out: Path, img_dir: Path, pinned: Sequence[str] | None 
         Comparison("s=2 about as good as s=1", "MMEB", c[2]["mmeb"], c[1]["mmeb"], not_worse=True),
         Comparison("s=2 about as good as s=1", "VisDoc", c[2]["visdoc"], c[1]["visdoc"], not_worse=True),
     ]
-    section.body += claims_lines(section.claims, ["", "For the quality rows the claim is \"not worse\": it holds when "
+    section.body += claims_lines(section, store, ["", "For the quality rows the claim is \"not worse\": it holds when "
                                                   "s=2 scores at least as high, holds within noise when it is lower by"
                                                   " less than 2·SE, and does not hold otherwise."])
     path = img_dir / "repro_table9.png"
@@ -358,7 +379,7 @@ def table10(store: Store, out: Path, img_dir: Path, pinned: Sequence[str] | None
     have = [r for r in ranks if c[r]["avg"].n]
     extra = [f"Ours is best on Avg. at **r = {max(have, key=lambda r: c[r]['avg'].mean)}** (paper: r = {best})."
              ] if have else []
-    section.body += claims_lines(section.claims, ["", *extra])
+    section.body += claims_lines(section, store, ["", *extra])
     path = img_dir / "repro_table10.png"
     panels = [Panel(NAMES[m], [Series("ours", [c[r][m] for r in ranks]),
                                Series("paper", paper=[paper.TABLE10.get(r, {}).get(m) for r in ranks])])
@@ -416,6 +437,9 @@ def table7(store: Store, out: Path, img_dir: Path, pinned: Sequence[str] | None 
         section.body += [f"Rows missing from the pipeline summaries: {', '.join(missing)}.", ""]
     bad = [r for r in pipelines if not r.ok] + [r for r in child_records if not r.ok]
     section.body += failed_lines(bad) + [""]
+    if any(not r.ok for r in pipelines):
+        section.body += ["(A failed pipeline's summary holds the steps it completed: those rows are real and are "
+                         "averaged; the steps it did not reach are missing from its seed.)", ""]
     by_key = {k: cells[label] for label, k in keys.items() if k}
     paper_keys = list(paper.TABLE7)
     for prev, cur in zip(paper_keys, paper_keys[1:]):
@@ -423,7 +447,7 @@ def table7(store: Store, out: Path, img_dir: Path, pinned: Sequence[str] | None 
             for m in ("mmeb", "visdoc"):
                 section.claims.append(Comparison(f"{PAPER_STEP_NAMES[cur]} improves on the row above", NAMES[m],
                                                  by_key[cur][m], by_key[prev][m]))
-    section.body += claims_lines(section.claims)
+    section.body += claims_lines(section, store)
     path = img_dir / "repro_table7.png"
     shown = [k for k in paper_keys if k in by_key]
     if shown:
