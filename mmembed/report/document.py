@@ -20,6 +20,12 @@ command). It reproduces the paper's ablations (Tables 7-10) in miniature: small 
 absolute scores are not comparable with the paper's, only the **orderings** the paper claims are. The paper's numbers
 are printed beside ours (columns "(paper)"; grey dashed lines on the right axis of the plots).
 
+- **Make it again**: `bash experiments/reproduce.sh` (the runs, then this report), or `mmembed-report` alone: for
+  each table the newest FINISHED sweep (one that ended FAILED is used too: its failed points are listed) and, for
+  Table 7, the newest pipeline run per seed. `--parent 8=<run id>` pins a table's sweep (repeat it to merge two
+  sweeps, e.g. the judge and rule columns run apart), `--tables 8,10` reports some tables, `--bootstrap 0` skips the
+  query bootstrap, `--tracking-uri` / `--experiment` choose the store (default `logs/mlflow.db` under
+  `$MMEMBED_ROOT` or the current folder, experiment `mmembed`).
 - A cell reads `mean ± std (n=N)`: the mean over N seeds and the sample standard deviation (ddof = 1). Only runs
   that FINISHED are averaged; failed or killed runs are listed under each table and never averaged. "Avg." is, per
   seed, the mean of MMEB and VisDoc (as in the paper), then averaged over seeds.

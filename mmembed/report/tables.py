@@ -262,9 +262,17 @@ def table8(store: Store, out: Path, img_dir: Path, pinned: Sequence[str] | None 
     return section
 
 
-def _peak(cells: dict[int, dict[str, Cell]], ns: Sequence[int], metric: str = "mmeb") -> int | None:
-    have = [n for n in ns if cells[n][metric].n]
-    return max(have, key=lambda n: cells[n][metric].mean) if have else None
+def best_keys(cells: dict[int, dict[str, Cell]], keys: Sequence[int], metric: str) -> list[int]:
+    """The keys whose mean is highest (several when they tie)."""
+    have = [k for k in keys if cells[k][metric].n]
+    if not have:
+        return []
+    top = max(cells[k][metric].mean for k in have)
+    return [k for k in have if cells[k][metric].mean == top]
+
+
+def _or(values: Sequence[int]) -> str:
+    return " and ".join(str(v) for v in values) + (" (tied)" if len(values) > 1 else "")
 
 
 def _peak_claims(cells: dict[int, dict[str, Cell]], ns: Sequence[int]) -> list[Comparison]:
@@ -277,10 +285,11 @@ def _peak_claims(cells: dict[int, dict[str, Cell]], ns: Sequence[int]) -> list[C
 
 
 def _peak_lines(cells: dict[int, dict[str, Cell]], ns: Sequence[int]) -> list[str]:
-    peak = _peak(cells, ns)
-    if peak is None:
+    peaks = best_keys(cells, ns, "mmeb")
+    if not peaks:
         return []
-    text = (f"(c) Peak: ours peaks at **n = {peak}** on MMEB (MLLM column, {cells[peak]['mmeb'].fmt()}); the paper's "
+    text = (f"(c) Peak: ours peaks at **n = {_or(peaks)}** on MMEB (MLLM column, {cells[peaks[0]]['mmeb'].fmt()}); "
+            "the paper's "
             f"text says n = {paper.TABLE8_PEAK_N} (its Table 8 prints 68.0 at n = 12 and 67.9 at n = 16). The (c) rows "
             f"above compare n = {paper.TABLE8_PEAK_N} with every other n > 0: the claim holds beyond noise only if "
             "all of them do.")
@@ -376,9 +385,8 @@ def table10(store: Store, out: Path, img_dir: Path, pinned: Sequence[str] | None
     best = paper.TABLE10_BEST_RANK
     section.claims = [Comparison(f"r={best} best on Avg.: r={best} vs r={r}", "Avg.", c[best]["avg"], c[r]["avg"])
                       for r in ranks if r != best and best in c]
-    have = [r for r in ranks if c[r]["avg"].n]
-    extra = [f"Ours is best on Avg. at **r = {max(have, key=lambda r: c[r]['avg'].mean)}** (paper: r = {best})."
-             ] if have else []
+    tops = best_keys(c, ranks, "avg")
+    extra = [f"Ours is best on Avg. at **r = {_or(tops)}** (paper: r = {best})."] if tops else []
     section.body += claims_lines(section, store, ["", *extra])
     path = img_dir / "repro_table10.png"
     panels = [Panel(NAMES[m], [Series("ours", [c[r][m] for r in ranks]),
