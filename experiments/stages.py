@@ -371,7 +371,7 @@ def run_pipeline(cfg: DictConfig, fit, mine) -> dict[str, Any]:
 
         parent = start_pipeline_run(cfg.logger.experiment_name, f"pipeline: {cfg.exp_name}",
                                     tracking_uri=_tracking_uri(cfg), output_dir=cfg.logger.output_dir,
-                                    tags={"mmembed.experiment": cfg.exp_name})
+                                    tags={"mmembed.experiment": cfg.exp_name, "mmembed.seed": cfg.seed})
     pipe = Pipeline(StageStore(cfg.pipeline.store), _settings(cfg, fit, mine, parent),
                     disabled=tuple(cfg.pipeline.disabled))
     status = "FAILED"
