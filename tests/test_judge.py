@@ -168,3 +168,33 @@ def test_kit_saved_folder_restores_compression(tmp_path, kit_judge):
     assert judge.processor.image_seq_length == kit_judge.processor.image_seq_length
     pairs = _pairs(2)
     torch.testing.assert_close(judge.score(pairs).score, kit_judge.score(pairs).score, atol=1e-5, rtol=0)
+
+
+def test_each_image_is_preprocessed_once_per_score_call(kit_judge, monkeypatch):
+    """The query's image (shared by its K candidates) and a candidate image recurring across queries are decoded and
+    preprocessed once per ``score`` call; scores stay equal to the stock forward (the test above)."""
+    import mmembed.judge.judge as judge_mod
+
+    seen: list[int] = []
+    inner = kit_judge.processor.image_processor
+    real_call = type(inner).__call__
+
+    def counting(self, images, **kwargs):
+        seen.append(len(images) if isinstance(images, list) else 1)
+        return real_call(self, images, **kwargs)
+
+    monkeypatch.setattr(type(inner), "__call__", counting)
+    shared = Item(image=make_image(color="blue", seed=3))
+    queries = [Item(text="q1", image=make_image(color="red")), Item(text="q2", image=make_image(color="green"))]
+    pairs = [JudgePair(q, t, "inst") for q in queries for t in (shared, Item(text="a star"), Item(image=make_image()))]
+    scores = kit_judge.score(pairs, batch_size=2, reuse_prefix=True)
+    assert sum(seen) == 5  # 2 query images + the shared target + one fresh target object per query (not 2 x 3 + 2)
+    assert kit_judge.processor.image_processor is inner  # restored after the call
+    plain = [_stock_next_token_logits(kit_judge, p)[kit_judge.yes_ids].amax() for p in pairs]
+    torch.testing.assert_close(scores.yes, torch.stack(plain), atol=1e-5, rtol=0)
+
+    memo = judge_mod._ImageMemo(inner, max_bytes=1)  # a bound below one entry keeps only the newest image
+    a, b = make_image(seed=5), make_image(seed=6)
+    for image in (a, b, a):
+        memo([image], return_tensors="pt")
+    assert (memo.misses, memo.hits, len(memo.entries)) == (3, 0, 1)

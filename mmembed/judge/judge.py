@@ -23,10 +23,13 @@ import copy
 import inspect
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from rich.progress import track
 
@@ -132,6 +135,66 @@ def _load_stock_processor(path: Path, model_type: str):
         return processor
 
 
+class _ImageMemo:
+    """Stands in for a processor's ``image_processor`` during one :meth:`Judge.score` call.
+
+    The K candidates of a query repeat the query's image, and a candidate image recurs across the queries that
+    retrieve it; each distinct image object is processed once and its outputs reused (least recently used first out,
+    within ``max_bytes``). transformers' processors have no such cache. A multi-image call is answered image by image
+    and the parts joined the way batched image processors return them (tensors and arrays along dim 0, lists
+    extended); an output it cannot join falls back to the wrapped processor on the whole call.
+
+    Entries keep a reference to their image, so an object id cannot be reused while its entry lives.
+    """
+
+    def __init__(self, inner: Any, max_bytes: int = 1 << 30) -> None:
+        self.inner = inner
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple[int, str], tuple[Any, Any, int]] = OrderedDict()
+        self.size = 0
+        self.hits = self.misses = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def _one(self, image: Any, kwargs: dict[str, Any]) -> Any:
+        key = (id(image), repr(sorted(kwargs.items())))
+        hit = self.entries.get(key)
+        if hit is not None:
+            self.entries.move_to_end(key)
+            self.hits += 1
+            return hit[1]
+        self.misses += 1
+        out = self.inner([image], **kwargs)
+        nbytes = sum(v.nbytes if isinstance(v, np.ndarray) else v.numel() * v.element_size()
+                     for v in out.values() if isinstance(v, np.ndarray | torch.Tensor))
+        self.entries[key] = (image, out, nbytes)
+        self.size += nbytes
+        while self.size > self.max_bytes and len(self.entries) > 1:
+            self.size -= self.entries.popitem(last=False)[1][2]
+        return out
+
+    def __call__(self, images: Any, **kwargs: Any) -> Any:
+        flat = images if isinstance(images, list | tuple) else [images]
+        if not flat or any(isinstance(i, list | tuple) for i in flat):
+            return self.inner(images, **kwargs)
+        parts = [self._one(image, kwargs) for image in flat]
+        if len(parts) == 1:
+            return parts[0]
+        joined: dict[str, Any] = {}
+        for key in parts[0]:
+            values = [part[key] for part in parts]
+            if all(isinstance(v, torch.Tensor) for v in values):
+                joined[key] = torch.cat(values)
+            elif all(isinstance(v, np.ndarray) for v in values):
+                joined[key] = np.concatenate(values)
+            elif all(isinstance(v, list) for v in values):
+                joined[key] = [x for v in values for x in v]
+            else:
+                return self.inner(images, **kwargs)
+        return type(parts[0])(joined)
+
+
 class Judge:
     """Scores (query, target) pairs with a generative MLLM.
 
@@ -154,6 +217,7 @@ class Judge:
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
         self.model_type = getattr(model.config, "model_type", "")
+        self._loaded: dict[int, tuple[Any, Any]] | None = None  # decoded images, during a score() call only
         # transformers 5.2x renamed ``past_key_values`` to ``cache``; older 5.x releases only know the first.
         params = inspect.signature(model.base_model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -201,9 +265,20 @@ class Judge:
         parts: list[tuple[str, object]] = [("text", JUDGE_HEAD.format(instruction=pair.instruction))]
         for side, after in ((pair.query, JUDGE_MIDDLE.rstrip(" ") + _SPLIT + " "), (pair.target, JUDGE_TAIL)):
             if side.image is not None:
-                parts.append(("image", load_image(side.image, what="judge pair")))
+                parts.append(("image", self._load(side.image)))
             parts.append(("text", (side.text or "") + after))
         return parts
+
+    def _load(self, image: Any) -> Any:
+        """``load_image``, once per source object during a ``score`` call (the entry keeps the source alive, so its
+        id is not reused)."""
+        loaded = self._loaded
+        if loaded is None:
+            return load_image(image, what="judge pair")
+        hit = loaded.get(id(image))
+        if hit is None:
+            hit = loaded[id(image)] = (image, load_image(image, what="judge pair"))
+        return hit[1]
 
     def render(self, pair: JudgePair) -> tuple[str, str, list, list]:
         """``(prompt, shared_prefix, query_images, target_images)``; the prefix ends with ``Target:``."""
@@ -330,8 +405,17 @@ class Judge:
             units = [range(s, min(s + batch_size, len(pairs))) for s in range(0, len(pairs), batch_size)]
         show = len(units) > 8 if show_progress is None else show_progress
         yes, no = torch.empty(len(pairs)), torch.empty(len(pairs))
-        for unit in (track(units, description="judging") if show else units):
-            chunk = [pairs[i] for i in unit]
-            y, n = self._score_shared(chunk, batch_size) if reuse_prefix else self._score_plain(chunk)
-            yes[list(unit)], no[list(unit)] = y, n
+        # One decode and one image preprocessing per distinct image object for the whole call (see _ImageMemo).
+        inner = self.processor.image_processor
+        self.processor.image_processor = memo = _ImageMemo(inner)
+        self._loaded = {}
+        try:
+            for unit in (track(units, description="judging") if show else units):
+                chunk = [pairs[i] for i in unit]
+                y, n = self._score_shared(chunk, batch_size) if reuse_prefix else self._score_plain(chunk)
+                yes[list(unit)], no[list(unit)] = y, n
+        finally:
+            self.processor.image_processor = inner
+            self._loaded = None
+        log.debug("judge: images preprocessed %d, reused %d", memo.misses, memo.hits)
         return JudgeScores(yes, no)
