@@ -45,3 +45,23 @@ def test_written_records_are_stage1_conversations_and_match_the_judge_prompt(tmp
                                                                    tokenize=False), add_special_tokens=False)
         assert text_ids["input_ids"][:n_prompt] == kit_judge_tiny.tokenizer(prompt, add_special_tokens=False)[
             "input_ids"]
+
+
+def test_eval_cli_judge_scores_heldout_questions(tmp_path, capsys):
+    """``mmembed-eval judge`` on the world's held-out questions writes the metrics evaluate_judge computes."""
+    from mmembed.eval import cli as eval_cli
+
+    cfg = SizeConfig(0, 0, 0, 0, 0, instruct=12, maxcount=1, image_side=64)
+    write_judge_questions("questions", tmp_path, 0, cfg)
+    held = tmp_path / "instruct" / "judge_heldout.json"
+    assert eval_cli.main(["judge", "--judge", "tiny", "--data", str(held), "--out", str(tmp_path / "out")]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    answers = [r["judge"]["answer"] for r in json.loads(held.read_text())]
+    assert metrics["pairs"] == len(answers) == 8
+    assert metrics["true_yes_rate"] == round(answers.count("yes") / len(answers), 4)
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["judge"] == "tiny"
+    assert "accuracy" in capsys.readouterr().out
+    missing = ["judge", "--judge", "tiny", "--data", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o2")]
+    assert eval_cli.main(missing) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "judge_heldout.json" in err[0]

@@ -7,6 +7,7 @@ Examples::
     mmembed-eval visdoc --model /models/my-embedder --data data/synth --out out/eval/visdoc --k 5
     mmembed-eval mmeb   --model /models/my-embedder --reranker /models/my-reranker --rerank-top 5 \
                         --data data/synth --out out/eval/mmeb_er
+    mmembed-eval judge  --judge /models/stage1 --data data/synth/instruct/judge_heldout.json --out out/eval/judge
 
 ``--model`` is a preset name (random weights: a smoke test of the pipeline) or a local folder written by
 ``Embedder.save_pretrained`` / a stock ``InternVL3-*-hf`` folder. Scores are x100, like the paper's tables.
@@ -63,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     visdoc = sub.add_parser("visdoc", parents=[common], help="VisDoc: NDCG@k over the whole corpus")
     visdoc.add_argument("--k", type=int, default=5, help="NDCG / recall cut-off")
     visdoc.add_argument("--sets", default=None, help="comma-separated set names (default: all)")
+    judge = sub.add_parser("judge", help="a judge MLLM on relevance questions with known answers (the synthetic "
+                           "world's instruct/judge_heldout.json): accuracy, AUC, recall of planted false negatives")
+    judge.add_argument("--judge", required=True, help="judge folder (a kit stage-1 folder or any local "
+                       "image-text-to-text checkpoint) or a kit preset (random weights)")
+    judge.add_argument("--data", required=True, type=Path, help="records with a 'judge' field (LLaVA JSON)")
+    judge.add_argument("--out", required=True, type=Path, help="output folder for metrics.json")
+    judge.add_argument("--image-root", type=Path, default=None, help="image folder (default: the file's folder)")
+    judge.add_argument("--batch-size", type=int, default=8)
+    judge.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    judge.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser
 
 
@@ -109,9 +120,40 @@ def side_by_side_table(e: BenchmarkResult, er: BenchmarkResult) -> Table:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.benchmark == "judge":
+        return run_cli(lambda: _evaluate_judge(args), prog="mmembed-eval", debug=args.debug)
     if args.rerank_top < 1:
         build_parser().error(f"--rerank-top must be >= 1, got {args.rerank_top}")
     return run_cli(lambda: _evaluate(args), prog="mmembed-eval", debug=args.debug)
+
+
+def _evaluate_judge(args: argparse.Namespace) -> int:
+    import json
+
+    if not args.data.is_file():
+        raise FileNotFoundError(f"--data {args.data} is not a file; the synthetic world writes "
+                                "<world>/instruct/judge_heldout.json (mmembed-data synth --out <world>)")
+    from mmembed.judge import Judge
+    from mmembed.judge.evaluate import evaluate_judge
+
+    metrics = evaluate_judge(Judge.from_pretrained(args.judge, device=args.device), args.data, args.image_root,
+                             batch_size=args.batch_size)
+    metrics = {"judge": str(args.judge), "data": str(args.data), **metrics}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    table = Table(title=f"judge on {metrics['pairs']} questions with known answers")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("accuracy", "majority_accuracy", "yes_rate", "true_yes_rate", "auc", "fn_yes_recall",
+                "fn_yes_precision", "false_negative_pairs"):
+        value = metrics.get(key)
+        table.add_row(key, "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value))
+    for rel, acc in metrics["accuracy_by_relation"].items():
+        table.add_row(f"accuracy: {rel}", "-" if acc is None else f"{acc:.4g}")
+    console = Console()
+    console.print(table)
+    console.print(f"metrics: {args.out / 'metrics.json'}")
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
