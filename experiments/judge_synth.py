@@ -23,18 +23,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build_data(out: Path, n: int, seed: int, side: int) -> Path:
-    """Stage-1 conversations + judge questions under ``out/world/instruct``; returns the merged training file."""
+def build_data(out: Path, n: int, seed: int, side: int, judge_only: bool = False,
+               datasets: list[str] | None = None) -> Path:
+    """Stage-1 conversations + judge questions under ``out/world/instruct``; returns the merged training file.
+
+    ``judge_only``: train on the judge questions alone; ``datasets``: questions over these training datasets only.
+    """
     from mmembed.data.synth.judge_questions import write_judge_questions
+    from mmembed.data.synth.tasks import DATASETS
     from mmembed.data.synth.world import SizeConfig, write_instruct
 
+    chosen = None
+    if datasets:
+        known = {d.name: d for d in DATASETS if not d.ood}
+        unknown = sorted(set(datasets) - set(known))
+        if unknown:
+            raise SystemExit(f"--datasets: unknown {unknown}; choose from {sorted(known)}")
+        chosen = tuple(known[name] for name in datasets)
     world = out / "world"
     cfg = SizeConfig(0, 0, 0, 0, 0, instruct=n, maxcount=1, image_side=side)
     if not (world / "instruct" / "judge_heldout.json").is_file():
-        write_instruct("llava", world, seed, cfg)
-        write_judge_questions("questions", world, seed, cfg)
+        if not judge_only:
+            write_instruct("llava", world, seed, cfg)
+        write_judge_questions("questions", world, seed, cfg, datasets=chosen)
     folder = world / "instruct"
-    merged = json.loads((folder / "llava.json").read_text()) + json.loads((folder / "judge.json").read_text())
+    merged = [] if judge_only else json.loads((folder / "llava.json").read_text())
+    merged += json.loads((folder / "judge.json").read_text())
     path = folder / "stage1_with_judge.json"
     path.write_text(json.dumps(merged) + "\n")
     return path
@@ -51,6 +65,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--judge-only", action="store_true", help="train on the judge questions alone (no conversations)")
+    p.add_argument("--datasets", default=None, help="comma-separated training datasets to ask about (default: all)")
+    p.add_argument("--eval-every", type=int, default=0, help="also score the held-out questions every N steps")
     args = p.parse_args(argv)
 
     import lightning as L
@@ -65,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     t0 = time.perf_counter()
-    train_file = build_data(out, args.instruct, args.seed, args.image_side)
+    train_file = build_data(out, args.instruct, args.seed, args.image_side, args.judge_only,
+                            args.datasets.split(",") if args.datasets else None)
     heldout = train_file.parent / "judge_heldout.json"
     backbone = build_backbone(args.preset, finetune={"mode": "full"}, seed=args.seed)
     processor, _ = load_processor(args.preset, backbone.vtc_factor)
@@ -78,8 +96,20 @@ def main(argv: list[str] | None = None) -> dict:
     # max_tiles=1: the judge prompts its processor with one tile per image, so train the same way.
     data = InstructionDataModule(str(train_file), batch_size=args.batch_size, max_tiles=1, num_workers=0,
                                  input_builder=backbone.input_builder, seed=args.seed)
+    curve: list[dict] = []
+
+    class HeldOutCurve(L.Callback):  # the held-out metrics every --eval-every optimizer steps
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            step = trainer.global_step
+            if args.eval_every and step % args.eval_every == 0 and (not curve or curve[-1]["step"] != step):
+                backbone.eval()
+                m = evaluate_judge(Judge(backbone.hf_model, processor), heldout, show_progress=False)
+                backbone.train()
+                curve.append({"step": step, **{k: m[k] for k in ("accuracy", "yes_rate", "auc")}})
+                print(f"step {step}: held-out {json.dumps(curve[-1])}", flush=True)
+
     trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, log_every_n_steps=10)
+                        enable_model_summary=False, log_every_n_steps=10, callbacks=[HeldOutCurve()])
     t_fit = time.perf_counter()
     trainer.fit(module, datamodule=data)
     fit_s = time.perf_counter() - t_fit
@@ -91,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     after = evaluate_judge(Judge(backbone.hf_model.eval(), processor), heldout)
     print("held-out judge metrics, after stage 1:", json.dumps(after))
     result = {"args": vars(args), "train_records": len(json.loads(train_file.read_text())), "before": before,
-              "after": after, "final_train_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+              "after": after, "curve": curve,
+              "final_train_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
               "fit_s": round(fit_s, 1), "total_s": round(time.perf_counter() - t0, 1)}
     (out / "judge_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

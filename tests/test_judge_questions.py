@@ -65,3 +65,19 @@ def test_eval_cli_judge_scores_heldout_questions(tmp_path, capsys):
     assert eval_cli.main(missing) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "judge_heldout.json" in err[0]
+
+
+def test_judge_synth_script_trains_and_scores(tmp_path):
+    """experiments/judge_synth.py end to end at toy size: questions over one dataset, 2 steps, the curve recorded."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "judge_synth.py"
+    spec = importlib.util.spec_from_file_location("judge_synth", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--out", str(tmp_path), "--instruct", "8", "--steps", "2", "--batch-size", "4",
+                          "--judge-only", "--datasets", "synth_cls_color", "--eval-every", "1", "--threads", "1"])
+    assert result["train_records"] == 8 and [c["step"] for c in result["curve"]] == [1, 2]
+    assert result["after"]["pairs"] == 8 and set(result["after"]["accuracy_by_dataset"]) == {"synth_cls_color"}
+    assert (tmp_path / "stage1_judge" / "config.json").is_file()

@@ -120,16 +120,18 @@ def to_record(q: JudgeQuestion, i: int, folder: Path, rel_dir: str, png_level: i
     return record
 
 
-def write_judge_questions(name: str, out: Path, seed: int, cfg: Any, png_level: int = 1) -> dict[str, Any]:
+def write_judge_questions(name: str, out: Path, seed: int, cfg: Any, png_level: int = 1,
+                          datasets: tuple[SynthDataset, ...] | None = None) -> dict[str, Any]:
     """World-generation unit: ``instruct/judge.json`` and ``instruct/judge_heldout.json``; returns counts.
 
     Sizes: ``cfg.instruct`` training questions (as many as stage-1 conversations) and a quarter as many held out.
+    ``datasets``: only these (default: every non-OOD training dataset).
     """
     folder = out / "instruct"
     result: dict[str, Any] = {}
     for split, count in (("train", cfg.instruct), ("heldout", max(8, cfg.instruct // 4))):
         rng = random.Random(f"{seed}/judge-{split}/{name}")
-        questions = make_judge_questions(rng, count, cfg.image_side)
+        questions = make_judge_questions(rng, count, cfg.image_side, datasets)
         (folder / "judge_images" / split).mkdir(parents=True, exist_ok=True)
         records = [to_record(q, i, folder, f"judge_images/{split}", png_level) for i, q in enumerate(questions)]
         fname = "judge.json" if split == "train" else "judge_heldout.json"
