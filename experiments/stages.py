@@ -223,30 +223,44 @@ def _judge_available() -> str | None:
 
 @register_stage("judge", requires=("hnm",), uses=("stage1",), available=_judge_available)
 def judge(pipe: Pipeline, deps: Mapping[str, StageResult]) -> StageResult | None:
-    """MLLM-as-a-judge curation of the top-K the stage-2 model retrieves (hook for ``mmembed.judge.curate``)."""
+    """MLLM-as-a-judge curation of the top-K the stage-2 model retrieves (``mmembed.judge.curate``).
+
+    Settings: the ``judge:`` block as the stage-3 exp file composes it (``pipeline.exp.stage3``; K, n, strategy,
+    skipped datasets, batch sizes, the shared retrieval + judgment cache), the same block ``task=judge|judge_ft`` read,
+    so a pipeline and an ``ablation_hn*`` run on one stage store judge once. ``judge.model`` null: stage 1's export.
+    """
+    from filelock import FileLock
+
     from mmembed import Embedder
 
     jmod = importlib.import_module("mmembed.judge")
     s: Settings = pipe.settings
-    jc = s.cfg.pipeline.judge
-    judge_model = jc.model or (deps["stage1"].output("model") if "stage1" in deps else None)
-    if judge_model is None:
-        pipe.skip("judge", "no judge model: set pipeline.judge.model=<MLLM folder> (or keep stage1 enabled)")
+    j = compose_stage(s, "judge", s.cfg.pipeline.exp.stage3).judge
+    judge_model = j.model or (deps["stage1"].output("model") if "stage1" in deps else None)
+    if judge_model is None and j.strategy == "judge":
+        pipe.skip("judge", "no judge model: set judge.model=<MLLM folder> (or keep stage1 enabled)")
         return None
     retriever = deps["hnm"].output("model")
     shards = compose_stage(s, "judge", s.cfg.pipeline.exp.warmup).data.train_shards  # stage 2's training data
-    ident = {"judge": OmegaConf.to_container(jc, resolve=True), "shards": str(shards), "seed": s.cfg.seed}
+    settings = {k: v for k, v in OmegaConf.to_container(j, resolve=True).items()
+                if k not in ("checkpoint", "model", "shards", "out_dir", "cache_dir")}  # inputs and locations
+    ident = {"judge": settings, "shards": str(shards), "seed": s.cfg.seed}
 
     def build(ctx):
-        loader = getattr(jmod, "Judge", None)
-        judge_obj = loader.from_pretrained(str(judge_model)) if loader is not None else str(judge_model)
-        summary = jmod.curate(Embedder.from_pretrained(retriever), judge_obj, shards, ctx.folder, k=jc.k,
-                              max_negatives=jc.max_negatives, strategy=jc.strategy)
-        return {"outputs": {"shards": "shards", "summary": "summary.json"},
-                "metrics": {"summary": summary.to_json() if hasattr(summary, "to_json") else summary}}
+        judge_obj = jmod.Judge.from_pretrained(str(judge_model)) if j.strategy == "judge" else None
+        Path(j.cache_dir).mkdir(parents=True, exist_ok=True)
+        with FileLock(str(Path(j.cache_dir)) + ".lock"):  # a sweep's points and this stage share the cache
+            summary = jmod.curate(Embedder.from_pretrained(retriever), judge_obj, shards, ctx.folder,
+                                  k=j.retrieve_top_k, max_negatives=j.max_negatives, strategy=j.strategy,
+                                  skip_datasets=list(j.skip_datasets), batch_size=j.batch_size,
+                                  embed_batch_size=j.embed_batch_size, reuse_prefix=j.reuse_prefix,
+                                  seed=s.cfg.seed, cache_dir=j.cache_dir)
+        return {"outputs": {"shards": "shards", "summary": "summary.json"}, "metrics": {"summary": summary.to_json()}}
 
-    return pipe.store.run("judge", ident, build, inputs={"retriever": fingerprint(retriever),
-                                                         "judge_model": fingerprint(judge_model)})
+    inputs = {"retriever": fingerprint(retriever)}
+    if judge_model is not None:
+        inputs["judge_model"] = fingerprint(judge_model)
+    return pipe.store.run("judge", ident, build, inputs=inputs)
 
 
 @register_stage("stage3", requires=("hnm", "judge"))

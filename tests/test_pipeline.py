@@ -273,6 +273,10 @@ def test_pipeline_smoke_runs_chains_and_reuses(tmp_path):
         assert done[nxt]["metrics"]["before"]["val/mmeb/overall"] == done[prev]["metrics"]["after"]["val/mmeb/overall"]
         cfg = json.loads((Path(stages[nxt]["folder"]) / "stage.json").read_text())["config"]
         assert cfg["init_from"] == str(Path(stages[prev]["folder"]) / "embedder")
+    # the judge stage reads the stage-3 exp's judge block (n = 12) and fills the cache task=judge_ft shares
+    curation = json.loads((Path(stages["judge"]["folder"]) / "summary.json").read_text())
+    assert curation["n"] == 12 and curation["strategy"] == "judge"
+    assert (Path(stages["judge"]["folder"]).parent / "judge_cache" / "judgments.jsonl").is_file()
     # MLflow: a parent with one child per stage and the summary as its artifacts
     from mlflow.tracking import MlflowClient
 
