@@ -179,7 +179,7 @@ def store(tmp_path_factory):
     for job, (s, seed) in enumerate([(1, 0), (1, 1), (2, 0), (2, 1)]):
         _job(uri, root, t9, job, f"ablation_vtc{s}", seed,
              {MMEB: 40.0 + seed, VISDOC: 50.0 + seed, "time/fit_s": (200.0 if s == 1 else 100.0) + seed,
-              "peak_memory/gib": 3.0 if s == 1 else 2.0 + 0.01 * seed},
+              "peak_memory/fit_gib": 3.0 if s == 1 else 2.0 + 0.01 * seed},
              {"backbone": {"vtc_factor": s}, "data": {"batch_size": 8}}, s)
     tracking.update_sweep_parent(t9, "backbone.vtc_factor", tracking_uri=uri, final=True)
     # Table 7: one pipeline per seed; the step labels are experiments/stages.py's.
