@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The paper's ablations (Tables 7-10) in miniature, >= 3 seeds per point, then docs/reproduction.md from their MLflow
 # runs: bash experiments/reproduce.sh   (mmembed-report quotes this file in the report, so keep it the truth).
-# DRAFT: the sizes below (COMMON) are to be tuned to the time budget; every table can also be run on its own.
+# Every table can also be run on its own (copy its line). On 2 CPU cores with the tiny preset and the small world:
+# Table 7 14 min per seed (one pipeline, idle machine), Table 8 28 min per seed (11 points, sharing the cores with
+# Tables 9-10; the stage-2 model and the judgments are built once per seed, about 9 min more), Table 9 7 min and
+# Table 10 9 min for all three seeds -- about 2.5 h in all (runs behind the report: docs/reproduction_runs.sh).
+# Real data / checkpoints: the same lines with e.g. COMMON=(backbone=internvl3_2b data=shards data.train_shards=...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
