@@ -336,7 +336,9 @@ def _rerank_row(pipe: Pipeline, deps: Mapping[str, StageResult]) -> dict[str, An
     for name, c in (s.cfg.get("callbacks") or {}).items():
         if c and str(c.get("_target_", "")).startswith("mmembed.callbacks.eval.") and name in ("mmeb", "visdoc"):
             cb = instantiate(c, reranker=rr)
-            result = cb.evaluate(embedder, Path(s.cfg.paths.output_dir) / "eval_er" / cb.benchmark, {})
+            result = cb.evaluate(embedder, Path(s.cfg.paths.output_dir) / "eval_er" / cb.benchmark, {}, reranker=rr)
+            if result.mode != "E+R":
+                raise RuntimeError(f"the E+R row of {cb.benchmark} was evaluated without its reranker")
             row.update(result.flat(cb.prefix))
     return row
 

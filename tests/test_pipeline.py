@@ -273,6 +273,10 @@ def test_pipeline_smoke_runs_chains_and_reuses(tmp_path):
         assert done[nxt]["metrics"]["before"]["val/mmeb/overall"] == done[prev]["metrics"]["after"]["val/mmeb/overall"]
         cfg = json.loads((Path(stages[nxt]["folder"]) / "stage.json").read_text())["config"]
         assert cfg["init_from"] == str(Path(stages[prev]["folder"]) / "embedder")
+    # the E+R row is the final embedder's shortlist reranked (it once silently evaluated E alone)
+    for bench in ("mmeb", "visdoc"):
+        er = json.loads((tmp_path / "run" / "eval_er" / bench / "metrics.json").read_text())
+        assert er["mode"] == "E+R"
     # the judge stage reads the stage-3 exp's judge block (n = 12) and fills the cache task=judge_ft shares
     curation = json.loads((Path(stages["judge"]["folder"]) / "summary.json").read_text())
     assert curation["n"] == 12 and curation["strategy"] == "judge"
