@@ -190,6 +190,7 @@ def store(tmp_path_factory):
         if seed == 1:  # no seed tag (an older pipeline run): the seed comes from its stage runs' params
             tracking.log_summary({"fit_s": 1.0}, run_name="warmup", tracking_uri=uri, output_dir=root,
                                  params={"seed": seed}, parent_run_id=parent)
+            tracking.log_reused_stage(parent, "stage1", {"x": 1.0}, root / "stage1-abc", tracking_uri=uri)
         rows = [("base model", 10.0, 20.0), ("+ stage 1 restoration", 11.0, 21.0), ("+ stage 2 warm-up", 30.0, 40.0),
                 ("+ global HNM", 35.0, 44.0), ("+ judge curation (stage 3)", 36.0, 43.0),
                 ("+ reranker (E+R)", 40.0, 47.0)]
@@ -252,6 +253,7 @@ def test_report_tables_cells_failed_runs_claims_and_plots(store):
     t7 = {(c.claim, c.metric): c.verdict for c in sections[0].claims}
     assert t7[("+ MLLM-Judge-FT (stage 3) improves on the row above", "VisDoc")] == stats.FAILS
     assert t7[("+ Global-HNM improves on the row above", "MMEB")] == stats.BEYOND
+    assert "1 of the 2 stage runs stand for stages reused from an earlier run" in md  # their build time is elsewhere
     # Header: the runs and the test used.
     assert store["t10"] in md and "Welch" in md and "## Commands that made these runs" in md
 

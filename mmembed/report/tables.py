@@ -430,6 +430,10 @@ def table7(store: Store, out: Path, img_dir: Path, pinned: Sequence[str] | None 
     child_records = [record(ch) for ch in children]
     section.body += run_lines(section, parents, child_records, "pipeline parents", seeds_of=pipelines)
     section.body[0] = section.body[0].replace("jobs, seeds", "stage runs, pipeline seeds")
+    reused = sum(ch.data.tags.get("mmembed.stage.reused") == "true" for ch in children)
+    if reused:  # a rerun that reused stages: their build time lives in the runs that built them, not counted here
+        section.body[1] = section.body[1].rstrip() + (f" {reused} of the {len(children)} stage runs stand for stages "
+                                                      "reused from an earlier run; their build time is not counted.")
     section.body.insert(1, "Seeds of the pipelines: " + ", ".join(f"`{r.run_id[:8]}` seed {r.seed or '?'}"
                                                                   for r in pipelines) + ".")
     keys = {label: STEP_LABELS.get(label) for label in order}
