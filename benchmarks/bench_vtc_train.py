@@ -70,7 +70,7 @@ from benchmarks.common import (
     tile_side,
     total_memory_bytes,
 )
-from mmembed.memory import proc_status_bytes, release_and_reset_peak_rss
+from mmembed.memory import read_peak, reset_peak
 
 GOAL = 1.8  # from the issue: training-step samples/s of VTC over native on CPU
 FACTORS = (2, 1)
@@ -220,19 +220,12 @@ def measure_step_memory(trainer: Trainer, batches: list[Batch], device: torch.de
     """Peak memory above the pre-step level for one step on each batch (in order), each measured from a reset."""
     baselines, peaks = [], []
     for b in batches:
-        if device.type == "cuda":
+        if device.type == "cuda":  # cached blocks of the previous step would hide this step's allocations
             torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            baselines.append(torch.cuda.memory_allocated(device))
-        else:
-            baselines.append(release_and_reset_peak_rss())
+        baselines.append(reset_peak(device))
         trainer.step(b)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            peaks.append(torch.cuda.max_memory_allocated(device) - baselines[-1])
-        else:
-            peaks.append(proc_status_bytes("VmHWM") - baselines[-1])
+        peaks.append(read_peak(device) - baselines[-1])
     return {"baseline": baselines[-1], "sizes": [b.size for b in batches], "peaks": peaks}
 
 
