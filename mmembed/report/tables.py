@@ -184,12 +184,23 @@ def _sweep_records(store: Store, table: str, pinned: Sequence[str] | None) -> tu
     return parents, records, note
 
 
-def _start(section: Section, store: Store, parents: Sequence[Any], records: Sequence[RunRecord], note: str | None):
+SWEEP_GLOBS = {"8": "ablation_hn*", "9": "ablation_vtc*", "10": "ablation_lora_r*"}
+
+
+def _sweep_section(store: Store, table: str, pinned: Sequence[str] | None) -> tuple[Section, list[RunRecord]]:
+    """A sweep table's section opened with its runs, and its records; a "not run" section (no records) when no sweep
+    parent has that table's children."""
+    parents, records, note = _sweep_records(store, table, pinned)
+    if not parents:
+        return not_run(table, f"no finished sweep parent whose children are `{SWEEP_GLOBS[table]}` runs" +
+                       (f" ({note})" if note else "")), []
+    section = Section(table)
     section.parents = [p.info.run_id for p in parents]
     section.runs = [*parents, *(store.runs[r.run_id] for r in records if r.run_id in store.runs)]
     section.body += run_lines(section, parents, records, "sweep parent")
     if note:
         section.body += [f"Note: {note}.", ""]
+    return section, records
 
 
 def _number_key(records: Sequence[RunRecord], table: str, param: str) -> dict[int, list[RunRecord]]:
@@ -214,12 +225,9 @@ def table8(store: Store, out: Path, img_dir: Path, pinned: Sequence[str] | None 
     """Table 8: judge-curated vs rule-based hard negatives, n = 0 (shared) ... 20, on MMEB / VisDoc / Avg."""
     import pandas as pd
 
-    parents, records, note = _sweep_records(store, "8", pinned)
-    if not parents:
-        return not_run("8", "no finished sweep parent whose children are `ablation_hn*` runs" +
-                       (f" ({note})" if note else ""))
-    section = Section("8")
-    _start(section, store, parents, records, note)
+    section, records = _sweep_section(store, "8", pinned)
+    if not section.ran:
+        return section
     groups: dict[str, dict[int, list[RunRecord]]] = {"judge": {}, "rule": {}}
     for r in records:
         m = SWEEP_TABLES["8"].fullmatch(r.experiment or "")
@@ -302,12 +310,9 @@ def table9(store: Store, out: Path, img_dir: Path, pinned: Sequence[str] | None 
     """Table 9: compression factor 1 (vanilla) vs 2: training time, peak memory, MMEB / VisDoc."""
     import pandas as pd
 
-    parents, records, note = _sweep_records(store, "9", pinned)
-    if not parents:
-        return not_run("9", "no finished sweep parent whose children are `ablation_vtc*` runs" +
-                       (f" ({note})" if note else ""))
-    section = Section("9")
-    _start(section, store, parents, records, note)
+    section, records = _sweep_section(store, "9", pinned)
+    if not section.ran:
+        return section
     groups = _number_key(records, "9", "backbone.vtc_factor")
     factors = sorted(set(groups) | {1, 2})
     c = {s: {**metric_cells(groups.get(s, [])), "time": cell(groups.get(s, []), lambda r: r.metric(FIT_S)),
@@ -363,12 +368,9 @@ def table10(store: Store, out: Path, img_dir: Path, pinned: Sequence[str] | None
     """Table 10: LoRA rank 8 / 16 / 32 on MMEB / VisDoc / Avg."""
     import pandas as pd
 
-    parents, records, note = _sweep_records(store, "10", pinned)
-    if not parents:
-        return not_run("10", "no finished sweep parent whose children are `ablation_lora_r*` runs" +
-                       (f" ({note})" if note else ""))
-    section = Section("10")
-    _start(section, store, parents, records, note)
+    section, records = _sweep_section(store, "10", pinned)
+    if not section.ran:
+        return section
     groups = _number_key(records, "10", "backbone.finetune.lora_r")
     ranks = sorted(set(groups) | set(paper.TABLE10))
     c = {r: metric_cells(groups.get(r, [])) for r in ranks}
