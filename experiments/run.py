@@ -384,20 +384,14 @@ def judge(cfg: DictConfig) -> Path:
 
     The summary is also logged to MLflow as its own run when a logger is configured.
     """
+    import stages  # experiments/stages.py (next to this file)
+
     from mmembed.judge import Judge
-    from mmembed.judge.curate import curate
 
     j = cfg.judge
     embedder = frozen_embedder(cfg, j.checkpoint)
-    from filelock import FileLock
-
     judge_model = Judge.from_pretrained(j.model) if j.model else None
-    Path(j.cache_dir).mkdir(parents=True, exist_ok=True)
-    with FileLock(str(Path(j.cache_dir)) + ".lock"):  # parallel sweep points share the cache: judge once
-        summary = curate(embedder, judge_model, j.shards, j.out_dir, k=j.retrieve_top_k,
-                         max_negatives=j.max_negatives, strategy=j.strategy, skip_datasets=list(j.skip_datasets),
-                         batch_size=j.batch_size, embed_batch_size=j.embed_batch_size, reuse_prefix=j.reuse_prefix,
-                         seed=cfg.seed, cache_dir=j.cache_dir)
+    summary = stages.curate_with(j, embedder, judge_model, j.shards, j.out_dir, cfg.seed)
     t = summary.totals
     print(f"curated shards in {j.out_dir}/shards: {summary.queries} queries, {t['negatives']} negatives, "
           f"{t['extra_positives']} extra positives; planted false negatives caught {t['fn_caught']}, left as "

@@ -221,6 +221,22 @@ def _judge_available() -> str | None:
     return None
 
 
+def curate_with(j: DictConfig, embedder: Any, judge: Any, shards: Any, out_dir: str | Path, seed: int) -> Any:
+    """``mmembed.judge.curate`` with the settings of a ``judge:`` block, holding the lock of its shared retrieval +
+    judgment cache (``judge.cache_dir``: sweep points, ``task=judge|judge_ft`` and the pipeline's stage judge once).
+    """
+    from filelock import FileLock
+
+    from mmembed.judge.curate import curate
+
+    Path(j.cache_dir).mkdir(parents=True, exist_ok=True)
+    with FileLock(str(Path(j.cache_dir)) + ".lock"):
+        return curate(embedder, judge, shards, out_dir, k=j.retrieve_top_k, max_negatives=j.max_negatives,
+                      strategy=j.strategy, skip_datasets=list(j.skip_datasets), batch_size=j.batch_size,
+                      embed_batch_size=j.embed_batch_size, reuse_prefix=j.reuse_prefix, seed=seed,
+                      cache_dir=j.cache_dir)
+
+
 @register_stage("judge", requires=("hnm",), uses=("stage1",), available=_judge_available)
 def judge(pipe: Pipeline, deps: Mapping[str, StageResult]) -> StageResult | None:
     """MLLM-as-a-judge curation of the top-K the stage-2 model retrieves (``mmembed.judge.curate``).
@@ -229,8 +245,6 @@ def judge(pipe: Pipeline, deps: Mapping[str, StageResult]) -> StageResult | None
     skipped datasets, batch sizes, the shared retrieval + judgment cache), the same block ``task=judge|judge_ft`` read,
     so a pipeline and an ``ablation_hn*`` run on one stage store judge once. ``judge.model`` null: stage 1's export.
     """
-    from filelock import FileLock
-
     from mmembed import Embedder
 
     jmod = importlib.import_module("mmembed.judge")
@@ -248,13 +262,7 @@ def judge(pipe: Pipeline, deps: Mapping[str, StageResult]) -> StageResult | None
 
     def build(ctx):
         judge_obj = jmod.Judge.from_pretrained(str(judge_model)) if j.strategy == "judge" else None
-        Path(j.cache_dir).mkdir(parents=True, exist_ok=True)
-        with FileLock(str(Path(j.cache_dir)) + ".lock"):  # a sweep's points and this stage share the cache
-            summary = jmod.curate(Embedder.from_pretrained(retriever), judge_obj, shards, ctx.folder,
-                                  k=j.retrieve_top_k, max_negatives=j.max_negatives, strategy=j.strategy,
-                                  skip_datasets=list(j.skip_datasets), batch_size=j.batch_size,
-                                  embed_batch_size=j.embed_batch_size, reuse_prefix=j.reuse_prefix,
-                                  seed=s.cfg.seed, cache_dir=j.cache_dir)
+        summary = curate_with(j, Embedder.from_pretrained(retriever), judge_obj, shards, ctx.folder, s.cfg.seed)
         return {"outputs": {"shards": "shards", "summary": "summary.json"}, "metrics": {"summary": summary.to_json()}}
 
     inputs = {"retriever": fingerprint(retriever)}
