@@ -159,13 +159,28 @@ class Store:
         parents = [r for r in self.runs.values() if r.data.tags.get(tracking.SWEEP_PARENT_TAG) == "true"]
         return self.newest_first(p for p in parents if self.sweep_table(p.info.run_id) == table)
 
-    def pick_sweep(self, table: str) -> tuple[Any | None, str | None]:
-        """``(parent, note)``: the newest FINISHED (or partly FAILED) parent of ``table``; a note names newer parents
-        that were passed over (still running, killed)."""
+    def sweep_seeds(self, parent_id: str) -> set[str | None]:
+        """The seeds a sweep parent's points ran with (``None`` for points without a ``seed`` param)."""
+        return {r.seed for r in self.sweep_records(parent_id)}
+
+    def pick_sweeps(self, table: str) -> tuple[list[Any], str | None]:
+        """``(parents, note)``: the newest FINISHED (or partly FAILED) parent of ``table``, plus older finished parents
+        of other seeds (a table's seeds may come from several sweeps, e.g. ``seed=0`` then ``seed=1,2``): newest
+        first, a parent whose seeds overlap those already taken is passed over. A note names newer parents that
+        were not used (still running, killed)."""
         parents = self.sweep_parents(table)
-        chosen = next((p for p in parents if p.info.status in FINAL), None)
+        chosen: list[Any] = []
+        seeds: set[str | None] = set()
+        for p in parents:
+            if p.info.status not in FINAL:
+                continue
+            mine = self.sweep_seeds(p.info.run_id)
+            if not chosen or not (mine & seeds):
+                chosen.append(p)
+                seeds |= mine
+        first = (chosen[0].info.start_time or 0) if chosen else None
         skipped = [p for p in parents if p.info.status not in FINAL and
-                   (chosen is None or (p.info.start_time or 0) > (chosen.info.start_time or 0))]
+                   (first is None or (p.info.start_time or 0) > first)]
         note = None
         if skipped:
             note = "newer sweep(s) not used: " + ", ".join(f"`{p.info.run_id}` ({p.info.status})" for p in skipped)

@@ -178,8 +178,7 @@ def _sweep_records(store: Store, table: str, pinned: Sequence[str] | None) -> tu
         parents = [store.get(p) for p in pinned]
         note = None
     else:
-        chosen, note = store.pick_sweep(table)
-        parents = [chosen] if chosen is not None else []
+        parents, note = store.pick_sweeps(table)
     records = [r for p in parents for r in store.sweep_records(p.info.run_id)]
     return parents, records, note
 
