@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from functools import partial
 from pathlib import Path
@@ -54,6 +55,37 @@ def build_data(out: Path, n: int, seed: int, side: int, judge_only: bool = False
     return path
 
 
+def build_text_probe(out: Path, n: int, seed: int) -> Path:
+    """Text-only judge questions in the same judgment template: "Query: a <colour> object" vs "Target: <colour>",
+    yes when the colours match (half the time). No image, so it asks only whether the language model can learn a
+    comparison through the template -- the step the image questions need after perception. Returns the training file.
+    """
+    from mmembed.data.synth.scenes import COLORS
+    from mmembed.judge.templates import TASK_FALLBACK, judgment_body
+
+    folder = out / "text_probe"
+    folder.mkdir(parents=True, exist_ok=True)
+    instruction = TASK_FALLBACK["t2t"]
+    colours = sorted(COLORS)
+    for split, count in (("train", n), ("heldout", max(8, n // 4))):
+        rng = random.Random(f"{seed}/text-probe-{split}")
+        records = []
+        for i in range(count):
+            q = rng.choice(colours)
+            t = q if rng.random() < 0.5 else rng.choice([c for c in colours if c != q])
+            answer = "yes" if q == t else "no"
+            query, target = {"text": f"a {q} object", "image": None}, {"text": t, "image": None}
+            body = judgment_body(instruction, query["text"], False, t, False)
+            records.append({"id": f"text_probe_{split}_{i:06d}",
+                            "conversations": [{"from": "human", "value": body}, {"from": "gpt", "value": f" {answer}"}],
+                            "judge": {"dataset": "text_probe", "instruction": instruction,
+                                      "relation": "positive" if q == t else "negative", "answer": answer,
+                                      "query": query, "target": target}})
+        name = "judge.json" if split == "train" else "judge_heldout.json"
+        (folder / name).write_text(json.dumps(records) + "\n")
+    return folder / "judge.json"
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="outputs/judge_synth")
@@ -68,6 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--judge-only", action="store_true", help="train on the judge questions alone (no conversations)")
     p.add_argument("--datasets", default=None, help="comma-separated training datasets to ask about (default: all)")
     p.add_argument("--eval-every", type=int, default=0, help="also score the held-out questions every N steps")
+    p.add_argument("--text-probe", action="store_true",
+                   help="text-only colour-match questions in the judgment template instead of the world's (no images)")
     args = p.parse_args(argv)
 
     import lightning as L
@@ -82,8 +116,11 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     t0 = time.perf_counter()
-    train_file = build_data(out, args.instruct, args.seed, args.image_side, args.judge_only,
-                            args.datasets.split(",") if args.datasets else None)
+    if args.text_probe:
+        train_file = build_text_probe(out, args.instruct, args.seed)
+    else:
+        train_file = build_data(out, args.instruct, args.seed, args.image_side, args.judge_only,
+                                args.datasets.split(",") if args.datasets else None)
     heldout = train_file.parent / "judge_heldout.json"
     backbone = build_backbone(args.preset, finetune={"mode": "full"}, seed=args.seed)
     processor, _ = load_processor(args.preset, backbone.vtc_factor)

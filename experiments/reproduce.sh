@@ -23,5 +23,6 @@ $PY experiments/run.py -m '+exp=ablation_vtc1,ablation_vtc2' seed="$SEEDS" "${CO
 # Table 10: LoRA rank 8 / 16 / 32.
 $PY experiments/run.py -m '+exp=glob(ablation_lora_r*)' seed="$SEEDS" "${COMMON[@]}"
 
-# The report: the newest finished runs of each table (pin one with --parent TABLE=RUN_ID).
+# The report: per table the newest finished sweep of each seed (a table's seeds may come from several sweeps),
+# the newest pipeline per seed (pin sweeps with --parent TABLE=RUN_ID).
 $PY -m mmembed.report.cli --commands experiments/reproduce.sh --out docs/reproduction.md --img-dir docs/img

@@ -83,7 +83,7 @@ def test_every_group_option_composes(group, tmp_path):
         if group == "logger" and option == "mlflow":
             logger = instantiate(cfg.logger)
             assert logger._tracking_uri.startswith("sqlite:///") and str(tmp_path) in logger._tracking_uri
-        if group == "module" or (group == "backbone" and option in ("tiny", "mini")):
+        if group == "module" or (group == "backbone" and option in ("tiny", "small", "mini")):
             assert "_target_" in cfg[group]
 
 

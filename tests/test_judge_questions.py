@@ -67,8 +67,8 @@ def test_eval_cli_judge_scores_heldout_questions(tmp_path, capsys):
     assert len(err) == 1 and "judge_heldout.json" in err[0]
 
 
-def test_judge_synth_script_trains_and_scores(tmp_path):
-    """experiments/judge_synth.py end to end at toy size: questions over one dataset, 2 steps, the curve recorded."""
+def _judge_synth():
+    """experiments/judge_synth.py as a module (a script, not a package member)."""
     import importlib.util
     from pathlib import Path
 
@@ -76,8 +76,38 @@ def test_judge_synth_script_trains_and_scores(tmp_path):
     spec = importlib.util.spec_from_file_location("judge_synth", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_judge_synth_script_trains_and_scores(tmp_path):
+    """experiments/judge_synth.py end to end at toy size: questions over one dataset, 2 steps, the curve recorded."""
+    module = _judge_synth()
     result = module.main(["--out", str(tmp_path), "--instruct", "8", "--steps", "2", "--batch-size", "4",
                           "--judge-only", "--datasets", "synth_cls_color", "--eval-every", "1", "--threads", "1"])
     assert result["train_records"] == 8 and [c["step"] for c in result["curve"]] == [1, 2]
     assert result["after"]["pairs"] == 8 and set(result["after"]["accuracy_by_dataset"]) == {"synth_cls_color"}
     assert (tmp_path / "stage1_judge" / "config.json").is_file()
+
+
+def test_judge_synth_text_probe_questions_and_small_preset(tmp_path):
+    """--text-probe: text-only colour-match questions in the judgment template, answered from the colours; trains the
+    `small` preset (the judge-sized shape) for 2 steps through the same path."""
+    import json
+
+    from mmembed.judge.templates import JUDGE_TAIL
+
+    module = _judge_synth()
+    train = module.build_text_probe(tmp_path / "p", 40, seed=3)
+    records = json.loads(train.read_text())
+    assert len(records) == 40 and len(json.loads((train.parent / "judge_heldout.json").read_text())) == 10
+    for r in records:
+        j = r["judge"]
+        colour = j["query"]["text"].split()[1]
+        assert (j["answer"] == "yes") == (colour == j["target"]["text"])
+        assert r["conversations"][1]["value"] == " " + j["answer"] and "image" not in r
+        assert r["conversations"][0]["value"].endswith(JUDGE_TAIL) and "<image>" not in r["conversations"][0]["value"]
+    assert 8 < sum(r["judge"]["answer"] == "yes" for r in records) < 32  # both answers, about half each
+    result = module.main(["--out", str(tmp_path / "run"), "--text-probe", "--preset", "small", "--instruct", "8",
+                          "--steps", "2", "--batch-size", "4", "--threads", "1"])
+    assert result["train_records"] == 8 and result["after"]["pairs"] == 8
+    assert set(result["after"]["accuracy_by_dataset"]) == {"text_probe"}

@@ -45,7 +45,7 @@ def test_preset_matches_published_fields(preset):
 
 def test_every_real_size_preset_has_a_published_entry_and_small_presets_stay_small():
     assert {n for n in PRESETS if n.startswith("internvl3_")} == set(PUBLISHED)
-    for small in ("tiny", "mini"):
+    for small in ("tiny", "small", "mini"):
         processor, config = load_processor(small)
         assert len(processor.tokenizer) < 5000 and config.text_config.vocab_size < 5000
         tok = processor.tokenizer  # same special tokens and template, at small ids

@@ -53,6 +53,16 @@ PRESETS: dict[str, Preset] = {
                   num_key_value_heads=2, intermediate_size=128, max_position_embeddings=4096, rope_theta=10000.0,
                   tie_word_embeddings=True),
     ),
+    # ``tiny`` with a 128-wide, 4-layer LLM and a 64-wide vision tower (same 64px tiles and vocabulary): the smallest
+    # shape found that learns the judge's yes/no comparisons on CPU (the 64-wide, 2-layer ``tiny`` LM stays at chance
+    # on them; see docs/judge.md). Used for the stage-1 judge and the miniature reproduction (docs/reproduction.md).
+    "small": Preset(
+        vision=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                    image_size=[64, 64], patch_size=[8, 8], attention_bias=True, layer_scale_init_value=0.1),
+        text=dict(model_type="qwen2", vocab_size=None, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=256, max_position_embeddings=4096, rope_theta=10000.0,
+                  tie_word_embeddings=True),
+    ),
     # Shaped like InternVL3-2B (real 448px/14 tiling, 256 native tokens per tile, LLM much larger than the vision
     # tower) yet small enough to time on CPU.
     "mini": Preset(
