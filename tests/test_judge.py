@@ -1,5 +1,6 @@
 """The MLLM judge: yes/no token ids, hand-checked logits, prefix reuse, and tiny random checkpoints of each
-supported architecture (InternVL-hf, Qwen2-VL, Qwen2.5-VL, the kit's own saved folder) loaded from tmp_path."""
+supported architecture (InternVL-hf, Qwen2-VL, Qwen2.5-VL, Qwen3-VL -- the paper's judge -- and the kit's own saved
+folder) loaded from tmp_path."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -36,17 +40,19 @@ def _content_template(image_text: str) -> str:
     )
 
 
-def save_internvl_hf(path) -> None:
+def save_internvl_hf(path) -> torch.nn.Module:
     """A tiny random InternVL checkpoint in the InternVL3-*-hf layout (native tokens, stock processor)."""
     config = load_config("tiny")
     config.image_seq_length = tokens_per_tile(config, 1)
     torch.manual_seed(0)
-    InternVLForConditionalGeneration(config).save_pretrained(path)
+    model = InternVLForConditionalGeneration(config)
+    model.save_pretrained(path)
     tok = build_tokenizer(2048)
     proc_cls = image_only_processor_class(InternVLProcessor)
     proc_cls(build_image_processor(64), tok, image_seq_length=config.image_seq_length,
              chat_template=_content_template("<IMG_CONTEXT>\n")).save_pretrained(path)
     assert json.loads((path / "processor_config.json").read_text())["image_seq_length"] == config.image_seq_length
+    return model
 
 
 def _qwen_tokenizer():
@@ -56,8 +62,9 @@ def _qwen_tokenizer():
     return tok
 
 
-def save_qwen_vl(path, version: str) -> None:
-    """A tiny random Qwen2-VL / Qwen2.5-VL checkpoint with its processor (no video processor: no torchvision)."""
+def save_qwen_vl(path, version: str) -> torch.nn.Module:
+    """A tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint with its processor (no video processor: no
+    torchvision)."""
     tok = _qwen_tokenizer()
     ids = {k: tok.convert_tokens_to_ids(t) for k, t in (("image_token_id", "<|image_pad|>"),
                                                          ("video_token_id", "<|video_pad|>"),
@@ -66,20 +73,31 @@ def save_qwen_vl(path, version: str) -> None:
                 num_attention_heads=4, num_key_value_heads=2,
                 rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]})
     vision = dict(depth=1, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    patch, processor_cls = 14, Qwen2VLProcessor
     torch.manual_seed(0)
     if version == "qwen2_vl":
         config = Qwen2VLConfig(text_config=text, vision_config={**vision, "embed_dim": 32, "mlp_ratio": 2}, **ids)
         model = Qwen2VLForConditionalGeneration(config)
-    else:
+    elif version == "qwen2_5_vl":
         vision = {**vision, "intermediate_size": 64, "out_hidden_size": 32, "window_size": 56,
                   "fullatt_block_indexes": [0]}
         model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
+    else:  # Qwen3-VL: 16 px patches, interleaved M-RoPE, DeepStack visual features fed into early LLM layers
+        text = {**text, "head_dim": 8, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                           "mrope_section": [2, 1, 1], "mrope_interleaved": True}}
+        del text["rope_scaling"]
+        vision = {**vision, "depth": 2, "patch_size": 16, "intermediate_size": 64, "out_hidden_size": 32,
+                  "num_position_embeddings": 64, "deepstack_visual_indexes": [0]}
+        ids["vision_end_token_id"] = tok.convert_tokens_to_ids("<|vision_end|>")
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **ids))
+        patch, processor_cls = 16, Qwen3VLProcessor
     model.save_pretrained(path)
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14,
-                                               merge_size=2, temporal_patch_size=2)
-    image_only_processor_class(Qwen2VLProcessor)(
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=4 * patch * patch, max_pixels=16 * patch * patch,
+                                               patch_size=patch, merge_size=2, temporal_patch_size=2)
+    image_only_processor_class(processor_cls)(
         image_processor, tok, chat_template=_content_template("<|vision_start|><|image_pad|><|vision_end|>")
     ).save_pretrained(path)
+    return model
 
 
 def _pairs(n_targets: int = 3) -> list[JudgePair]:
@@ -143,14 +161,11 @@ def test_batched_and_prefix_reuse_match_stock_forward(kit_judge):
     torch.testing.assert_close(reused.no, ref_no, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["internvl_hf", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("arch", ["internvl_hf", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_stock_checkpoints_load_and_score(tmp_path, arch):
-    if arch == "internvl_hf":
-        save_internvl_hf(tmp_path)
-    else:
-        save_qwen_vl(tmp_path, arch)
+    saved = save_internvl_hf(tmp_path) if arch == "internvl_hf" else save_qwen_vl(tmp_path, arch)
     judge = Judge.from_pretrained(tmp_path, device="cpu")
-    assert judge.model_type == {"internvl_hf": "internvl", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}[arch]
+    assert judge.model_type == {"internvl_hf": "internvl"}.get(arch, arch)
     pairs = _pairs(4)
     text = judge.render(pairs[0])[0]
     assert text.count("Query: ") == 1 and "Target: " in text and text.endswith("<|im_start|>assistant\n")
@@ -158,6 +173,11 @@ def test_stock_checkpoints_load_and_score(tmp_path, arch):
     ref = torch.stack([_stock_next_token_logits(judge, p) for p in pairs])
     torch.testing.assert_close(scores.yes, ref[:, judge.yes_ids].amax(-1), atol=1e-4, rtol=0)
     torch.testing.assert_close(scores.no, ref[:, judge.no_ids].amax(-1), atol=1e-4, rtol=0)
+    # the loaded weights are the saved ones (a key the loader silently re-initialised would change the logits)
+    text, _, q, t = judge.render(pairs[0])
+    with torch.no_grad():
+        original = saved.eval()(**judge.processor(text=[text], images=q + t, return_tensors="pt")).logits[0, -1]
+    torch.testing.assert_close(ref[0], original.float(), atol=1e-5, rtol=0)
 
 
 def test_kit_saved_folder_restores_compression(tmp_path, kit_judge):
