@@ -2,7 +2,7 @@
 
 Any local image-text-to-text checkpoint folder loads through the stock ``AutoProcessor`` +
 ``AutoModelForImageTextToText`` and is prompted with its own chat template (tested: InternVL-hf, Qwen2-VL,
-Qwen2.5-VL); folders written by ``Embedder.save_pretrained`` (and presets) load through the kit's own backbone code
+Qwen2.5-VL, Qwen3-VL); folders written by ``Embedder.save_pretrained`` (and presets) load through the kit's own backbone code
 so that visual token compression is restored. Without torchvision the stock processors cannot build their video
 processor; the loader then builds the same processor class without it (:func:`image_only_processor_class`).
 
