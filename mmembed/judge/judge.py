@@ -2,9 +2,9 @@
 
 Any local image-text-to-text checkpoint folder loads through the stock ``AutoProcessor`` +
 ``AutoModelForImageTextToText`` and is prompted with its own chat template (tested: InternVL-hf, Qwen2-VL,
-Qwen2.5-VL, Qwen3-VL); folders written by ``Embedder.save_pretrained`` (and presets) load through the kit's own backbone code
-so that visual token compression is restored. Without torchvision the stock processors cannot build their video
-processor; the loader then builds the same processor class without it (:func:`image_only_processor_class`).
+Qwen2.5-VL, Qwen3-VL); folders written by ``Embedder.save_pretrained`` (and presets) load through the kit's own
+backbone code so that visual token compression is restored. Without torchvision the stock processors cannot build
+their video processor; the loader then builds the same processor class without it (:func:`image_only_processor_class`).
 
 The prompt is the paper's judgment template with the instruction of Table 13 (:mod:`mmembed.judge.templates`). The
 score is ``logit(yes) - logit(no)`` of the first answer token; both logits are kept. ``yes``/``no`` token ids come
