@@ -21,9 +21,10 @@ absolute scores are not comparable with the paper's, only the **orderings** the 
 are printed beside ours (columns "(paper)"; grey dashed lines on the right axis of the plots).
 
 - **Make it again**: `bash experiments/reproduce.sh` (the runs, then this report), or `mmembed-report` alone: for
-  each table the newest FINISHED sweep (one that ended FAILED is used too: its failed points are listed) and, for
-  Table 7, the newest pipeline run per seed. `--parent 8=<run id>` pins a table's sweep (repeat it to merge two
-  sweeps, e.g. the judge and rule columns run apart), `--tables 8,10` reports some tables, `--bootstrap 0` skips the
+  each table the newest FINISHED sweep (one that ended FAILED is used too: its failed points are listed), joined by
+  older finished sweeps of other seeds (e.g. `seed=0`, then `seed=1,2`), and, for Table 7, the newest pipeline run
+  per seed. `--parent 8=<run id>` pins a table's sweep (repeat it to merge two sweeps, e.g. the judge and rule
+  columns run apart), `--tables 8,10` reports some tables, `--bootstrap 0` skips the
   query bootstrap, `--tracking-uri` / `--experiment` choose the store (default `logs/mlflow.db` under
   `$MMEMBED_ROOT` or the current folder, experiment `mmembed`).
 - A cell reads `mean ± std (n=N)`: the mean over N seeds and the sample standard deviation (ddof = 1). Only runs
