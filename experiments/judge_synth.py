@@ -124,7 +124,16 @@ def main(argv: list[str] | None = None) -> dict:
     heldout = train_file.parent / "judge_heldout.json"
     backbone = build_backbone(args.preset, finetune={"mode": "full"}, seed=args.seed)
     processor, _ = load_processor(args.preset, backbone.vtc_factor)
-    before = evaluate_judge(Judge(backbone.hf_model, processor), heldout)
+
+    def score_heldout(show_progress: bool | None = None) -> dict:
+        """The held-out metrics of the model as it is now (scored in eval mode; the previous mode restored)."""
+        was_training = backbone.training
+        backbone.eval()
+        metrics = evaluate_judge(Judge(backbone.hf_model, processor), heldout, show_progress=show_progress)
+        backbone.train(was_training)
+        return metrics
+
+    before = score_heldout()
     print("held-out judge metrics, untrained:", json.dumps(before))
 
     L.seed_everything(args.seed, workers=True)
@@ -139,9 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             step = trainer.global_step
             if args.eval_every and step % args.eval_every == 0 and (not curve or curve[-1]["step"] != step):
-                backbone.eval()
-                m = evaluate_judge(Judge(backbone.hf_model, processor), heldout, show_progress=False)
-                backbone.train()
+                m = score_heldout(show_progress=False)
                 curve.append({"step": step, **{k: m[k] for k in ("accuracy", "yes_rate", "auc")}})
                 print(f"step {step}: held-out {json.dumps(curve[-1])}", flush=True)
 
@@ -155,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     saved = Embedder(backbone.eval(), build_input_builder(args.preset)).save_pretrained(out / "stage1_judge")
     print(f"stage-1 model saved to {saved} (load it with Judge.from_pretrained)")
-    after = evaluate_judge(Judge(backbone.hf_model.eval(), processor), heldout)
+    after = score_heldout()
     print("held-out judge metrics, after stage 1:", json.dumps(after))
     result = {"args": vars(args), "train_records": len(json.loads(train_file.read_text())), "before": before,
               "after": after, "curve": curve,
