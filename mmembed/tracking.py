@@ -927,6 +927,7 @@ def _plot_sweep(points: pd.DataFrame, param: str, metrics: list[str], path: Path
 # --------------------------------------------------------------------------------------------------- pipelines
 PIPELINE_TAG = "mmembed.pipeline"
 STAGE_TAG = "mmembed.stage"
+STAGE_REUSED_TAG = "mmembed.stage.reused"  # on a pipeline child standing for a stage reused, not rebuilt
 
 
 def start_pipeline_run(experiment_name: str, run_name: str, tracking_uri: str | None = None,
@@ -953,7 +954,7 @@ def log_reused_stage(parent_run_id: str, stage: str, metrics: Mapping[str, float
     client = _client(tracking_uri)
     exp_id = client.get_run(parent_run_id).info.experiment_id
     tags = {PARENT_RUN_TAG: parent_run_id, RUN_NAME_TAG: f"{stage} (reused)", STAGE_TAG: stage,
-            "mmembed.stage.reused": "true", "mmembed.stage.folder": str(folder)}
+            STAGE_REUSED_TAG: "true", "mmembed.stage.folder": str(folder)}
     run_id = client.create_run(exp_id, tags=tags).info.run_id
     now = int(time.time() * 1000)
     points = [Metric(sanitize_key(k), float(v), now, 0) for k, v in metrics.items()

@@ -14,7 +14,7 @@ from mmembed.report.bootstrap import QueryBootstrap
 from mmembed.report.collect import SWEEP_TABLES, RunRecord, Store, commits, latest_per_seed, params_of, record
 from mmembed.report.plots import Panel, Series, plot_panels
 from mmembed.report.stats import Cell, Comparison, combine, ratio
-from mmembed.tracking import markdown_table
+from mmembed.tracking import STAGE_REUSED_TAG, markdown_table
 
 MMEB, VISDOC = "val/mmeb/overall", "val/visdoc/overall"
 # The fit's own peak: memory above what the process held when the fit started (the process baseline -- Python,
@@ -431,7 +431,7 @@ def table7(store: Store, out: Path, img_dir: Path, pinned: Sequence[str] | None 
     child_records = [record(ch) for ch in children]
     section.body += run_lines(section, parents, child_records, "pipeline parents", seeds_of=pipelines)
     section.body[0] = section.body[0].replace("jobs, seeds", "stage runs, pipeline seeds")
-    reused = sum(ch.data.tags.get("mmembed.stage.reused") == "true" for ch in children)
+    reused = sum(ch.data.tags.get(STAGE_REUSED_TAG) == "true" for ch in children)
     if reused:  # a rerun that reused stages: their build time lives in the runs that built them, not counted here
         section.body[1] = section.body[1].rstrip() + (f" {reused} of the {len(children)} stage runs stand for stages "
                                                       "reused from an earlier run; their build time is not counted.")
