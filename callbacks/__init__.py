@@ -1,8 +1,8 @@
 """Lightning callbacks of the kit: evaluation on MMEB / VisDoc-format data during training.
 
-Installed as ``mmembed.callbacks`` (the repository folder ``callbacks/``). Names are imported lazily (PEP 562): Hydra
-imports ``mmembed.callbacks.sweep`` for every run before the config is checked, and importing Lightning through
-``mmembed.callbacks.eval`` there would delay a one-line config error by seconds.
+Installed as ``mmembed.callbacks`` (the repository folder ``callbacks/``). Names are imported lazily (PEP 562): a
+config error must stay a one-line answer in seconds, and importing Lightning through ``mmembed.callbacks.eval`` for
+every run before the config is checked would delay it.
 """
 
 from __future__ import annotations

@@ -183,17 +183,18 @@ def test_graph_builds_prerequisites_and_skips_unavailable_hooks(tmp_path, toy_re
     assert pipe.build("b") is not None and order == [("b", [])] and "disabled" in pipe.notes["a"]
 
 
-def test_paper_stages_are_registered_with_hooks():
-    sys.path.insert(0, str(ROOT / "experiments"))
-    import stages  # noqa: F401  (registers the Hydra-driven implementations)
-
+def test_paper_stages_are_one_explicit_table_without_import_side_effects():
+    before = dict(REGISTRY)
+    from mmembed.launch.stages import STAGES
     from mmembed.pipeline import PAPER_STAGES
 
-    assert set(PAPER_STAGES) <= set(REGISTRY)
-    assert REGISTRY["hnm"].requires == ("warmup", "mine") and REGISTRY["reranker"].requires == ("stage1",)
-    assert REGISTRY["stage3"].requires == ("hnm", "judge")
-    for hook in ("judge", "reranker"):
-        assert REGISTRY[hook].available is not None
+    assert REGISTRY == before  # importing the table registers nothing
+    assert tuple(STAGES) == PAPER_STAGES
+    assert STAGES["hnm"].requires == ("warmup", "mine") and STAGES["reranker"].requires == ("stage1",)
+    assert STAGES["stage3"].requires == ("hnm", "judge") and STAGES["judge"].uses == ("stage1",)
+    # every dependency is a stage of the table, named before its consumer
+    for i, d in enumerate(STAGES.values()):
+        assert set(d.requires) | set(d.uses) <= set(PAPER_STAGES[:i]), d.name
 
 
 # ---------------------------------------------------------------------------------------------------- chain

@@ -298,14 +298,10 @@ def test_eval_cli_reports_e_and_e_plus_r(mmeb_data, tmp_path, capsys, tiny_backb
 @pytest.mark.slow
 def test_exp_reranker_trains_two_steps_evaluates_e_and_e_plus_r_and_exports(tmp_path):
     """Compose ``+exp=reranker`` (shrunk), train 2 steps with the E vs E+R callback on the reranker being trained."""
-    import sys
-
     from omegaconf import open_dict
 
-    from tests.test_configs import ROOT, _compose
-
-    sys.path.insert(0, str(ROOT / "experiments"))
-    import run
+    from mmembed.launch import tasks, validate
+    from tests.test_configs import _compose
 
     cfg = _compose(tmp_path, ["+exp=reranker", "synth.size=ci", "logger=none", "trainer.max_steps=2",
                               "data.samples_per_epoch=8", "data.batch_size=4", "data.num_workers=0",
@@ -316,9 +312,9 @@ def test_exp_reranker_trains_two_steps_evaluates_e_and_e_plus_r_and_exports(tmp_
     assert cfg.callbacks.mmeb.embedder == "tiny"  # eval_embedder defaults to the backbone preset
     with open_dict(cfg):
         cfg.trainer.enable_progress_bar = False
-    run.validate(cfg)
-    run.ensure_synthetic_world(cfg)
-    metrics = run.train(cfg)
+    validate(cfg)
+    tasks.ensure_synthetic_world(cfg)
+    metrics = tasks.train(cfg)
     assert {"train/loss", "train/point_loss", "train/list_loss", "train/point_acc", "train/list_acc"} <= set(metrics)
     assert {"val/mmeb/overall", "val/mmeb_er/overall"} <= set(metrics)
     out = tmp_path / "out"

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from hydra import compose, initialize
 from hydra.core.global_hydra import GlobalHydra
-from mmembed.callbacks.sweep import MLflowSweepCallback, swept_overrides
 from omegaconf import open_dict
 
 from mmembed import tracking
+from mmembed.launch.sweep import MLflowSweepCallback, swept_overrides
 
 from .test_tracking import fresh_sqlite_uri
 

@@ -1,4 +1,5 @@
-"""The paper's coarse-to-fine pipeline as a resumable stage graph (no Hydra here; see experiments/pipeline.py)."""
+"""The paper's coarse-to-fine pipeline as a resumable stage graph (no Hydra here; the paper's stage table is
+mmembed.launch.stages)."""
 
 from mmembed.pipeline.graph import PAPER_STAGES, REGISTRY, Pipeline, StageDef, register_stage
 from mmembed.pipeline.store import (

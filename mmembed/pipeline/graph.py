@@ -15,8 +15,12 @@ Each stage is a function registered with :func:`register_stage`; it receives the
 :class:`~mmembed.pipeline.store.StageResult` of each dependency, and returns its own result (normally through
 ``pipeline.store.run(...)``, which makes it keyed, atomic, resumable and locked) or ``None`` when it cannot run
 (its note says why). A stage whose ``available`` check returns a reason is skipped with that reason printed, and
-so is everything that *requires* it: the graph runs without the judge or the reranker until their code exists.
-This module knows nothing about Hydra; experiments/pipeline.py registers the Hydra-driven implementations.
+so is everything that *requires* it.
+
+The paper's stages are an explicit table, ``mmembed.launch.stages.STAGES``, handed to :class:`Pipeline` (``stages=``);
+importing nothing registers anything. :func:`register_stage` and :data:`REGISTRY` remain for graphs assembled by
+decoration (the default table of a :class:`Pipeline` built without ``stages``). This module knows nothing about
+Hydra.
 """
 
 from __future__ import annotations
@@ -69,7 +73,8 @@ class Pipeline:
 
     Attributes:
         store: Where stage folders live.
-        settings: Whatever the registered stage functions need (e.g. the composed Hydra config); opaque here.
+        settings: Whatever the stage functions need (e.g. the composed Hydra config); opaque here.
+        stages: The stage table, by name (default: :data:`REGISTRY`).
         disabled: Stages not to run in this pipeline (skipped with a note, like unavailable ones).
         results: Completed stages of this run, by name (``None`` for skipped ones).
         notes: Why each skipped stage was skipped.
@@ -78,6 +83,7 @@ class Pipeline:
 
     store: StageStore
     settings: Any = None
+    stages: Mapping[str, StageDef] | None = None
     disabled: tuple[str, ...] = ()
     results: dict[str, StageResult | None] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
@@ -92,9 +98,10 @@ class Pipeline:
         """The result of stage ``name``, building (or reusing) it and its prerequisites first."""
         if name in self.results:
             return self.results[name]
-        if name not in REGISTRY:
-            raise KeyError(f"no stage {name!r} is registered (registered: {sorted(REGISTRY)})")
-        stage = REGISTRY[name]
+        table = REGISTRY if self.stages is None else self.stages
+        if name not in table:
+            raise KeyError(f"no stage {name!r} is registered (registered: {sorted(table)})")
+        stage = table[name]
         if name in self.disabled:
             self.skip(name, "disabled in this pipeline")
             return None
@@ -110,7 +117,7 @@ class Pipeline:
                 return None
             deps[dep] = result
         for dep in stage.uses:
-            if dep in REGISTRY:
+            if dep in table:
                 result = self.build(dep)
                 if result is not None:
                     deps[dep] = result
