@@ -177,7 +177,7 @@ def test_three_concurrent_runs_on_a_new_store_are_all_recorded(tmp_path):
 
     store = tmp_path / "store"
     uri = f"sqlite:///{store / tracking.DB_NAME}"
-    env = {**os.environ, "PYTHONPATH": str(Path(tracking.__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(Path(tracking.__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT, uri, str(store), f"run{i}"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -227,6 +227,37 @@ def test_stale_running_run_is_marked_killed_and_a_resume_reopens_it(tmp_path):
     resumed.finalize("success")
     assert client.get_run(dead).info.status == "FINISHED"
     assert len(client.search_runs([exp_id])) == 4  # no new run was opened for the resume
+
+
+_KILLED_PIPELINE = """
+import os, sys
+from mmembed import tracking
+print(tracking.start_pipeline_run("pipe-test", "pipeline: killed", tracking_uri=sys.argv[1]), os.getpid(), flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_killed_pipeline_parent_is_marked_killed_by_the_next_run(tmp_path):
+    """A pipeline's parent run carries host and pid like every run, so after a kill -9 of the pipeline the next run
+    on the store marks it KILLED (it once stayed RUNNING forever)."""
+    from mlflow.tracking import MlflowClient
+
+    store = tmp_path / "store"
+    uri = fresh_sqlite_uri(store)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _KILLED_PIPELINE, uri], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    parent, pid = proc.stdout.strip().splitlines()[-1].split()
+    client = MlflowClient(uri)
+    run = client.get_run(parent)
+    assert run.info.status == "RUNNING" and run.data.tags[tracking.PIPELINE_TAG] == "true"
+    assert run.data.tags[tracking.HOST_TAG] and run.data.tags[tracking.PID_TAG] == pid
+    nxt = tracking.start_pipeline_run("pipe-test", "pipeline: next", tracking_uri=uri)
+    run = client.get_run(parent)
+    assert run.info.status == "KILLED"
+    assert f"process {pid}" in run.data.tags[tracking.END_REASON_TAG]
+    assert client.get_run(nxt).info.status == "RUNNING"  # this process is alive: its own parent is left alone
 
 
 def _child(uri, store, parent, name, value, seed, mmeb, status="success"):

@@ -20,6 +20,7 @@ STEPS = (  # Table 7's cumulative rows: (label, stage whose "after" is the row)
     ("+ global HNM", "hnm"),
     ("+ judge curation (stage 3)", "stage3"),
 )
+RERANK_STEP = "+ reranker (E+R)"  # the last row, once a reranker exists: the final embedder's shortlist reranked
 
 
 def summary_rows(results: Mapping[str, StageResult | None]) -> list[dict[str, Any]]:
@@ -43,7 +44,7 @@ def rerank_row(cfg: DictConfig, deps: Mapping[str, StageResult]) -> dict[str, An
     last = next(deps[n] for n in ("stage3", "hnm", "warmup") if n in deps)
     embedder = Embedder.from_pretrained(last.output("model"))
     rr = Reranker.from_pretrained(str(deps["reranker"].output("model")))
-    row: dict[str, Any] = {"step": "+ reranker (E+R)", "stage": "reranker"}
+    row: dict[str, Any] = {"step": RERANK_STEP, "stage": "reranker"}
     for name, c in (cfg.get("callbacks") or {}).items():
         if c and str(c.get("_target_", "")).startswith("mmembed.callbacks.eval.") and name in ("mmeb", "visdoc"):
             cb = instantiate(c, reranker=rr)

@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mmembed.report.stats import Cell
 
@@ -74,5 +75,25 @@ def plot_panels(path: Path, categories: Sequence[str], panels: Sequence[Panel], 
             ax.legend(handles, labels, fontsize=7, loc="best")
     fig.suptitle(title, fontsize=11)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_steps(frame: Any, metrics: Sequence[str], path: Path) -> Path:
+    """A grouped bar chart of a pipeline's cumulative steps (``frame``: a ``step`` column, one column per metric)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(metrics))
+    x = list(range(len(frame)))
+    for j, m in enumerate(metrics):
+        ax.bar([i + (j - (len(metrics) - 1) / 2) * width for i in x], frame[m], width, label=m)
+    ax.set_xticks(x, [str(s) for s in frame["step"]], rotation=20, ha="right")
+    ax.set_ylabel("score")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
     fig.savefig(path, dpi=100)
     return path

@@ -12,9 +12,10 @@ from typing import Any
 from mmembed.report import paper
 from mmembed.report.bootstrap import QueryBootstrap
 from mmembed.report.collect import SWEEP_TABLES, RunRecord, Store, commits, latest_per_seed, params_of, record
+from mmembed.report.markdown import markdown_table
 from mmembed.report.plots import Panel, Series, plot_panels
 from mmembed.report.stats import Cell, Comparison, combine, ratio
-from mmembed.tracking import STAGE_REUSED_TAG, markdown_table
+from mmembed.tracking.store import STAGE_REUSED_TAG
 
 MMEB, VISDOC = "val/mmeb/overall", "val/visdoc/overall"
 # The fit's own peak: memory above what the process held when the fit started (the process baseline -- Python,
@@ -36,8 +37,8 @@ TITLES = {
     "9": "Table 9: visual token compression for training efficiency (stage-2 warm-up)",
     "10": "Table 10: LoRA rank (stage-2 warm-up)",
 }
-# Table 7's rows as experiments/stages.py labels them in pipeline_summary/summary.csv (its STEPS and the E+R row),
-# mapped to the paper's rows (paper.TABLE7 keys); tests/test_report.py checks the labels against stages.py.
+# Table 7's rows as mmembed.launch.summary labels them in pipeline_summary/summary.csv (its STEPS and RERANK_STEP),
+# mapped to the paper's rows (paper.TABLE7 keys); tests/test_report.py checks the labels against it.
 STEP_LABELS = {
     "+ stage 2 warm-up": "warmup",
     "+ global HNM": "hnm",
