@@ -20,8 +20,8 @@ from mmembed.backbone import (
     tokens_per_tile,
 )
 from mmembed.backbone.presets import preset_config
-from mmembed.backbone.templates import format_item_text
 from mmembed.backbone.tokenizer import build_tokenizer
+from mmembed.prompts.embedding import format_item_text
 
 from .conftest import make_image
 

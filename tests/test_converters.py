@@ -8,7 +8,6 @@ import tarfile
 import pyarrow as pa
 import pytest
 
-from mmembed.backbone.templates import instructions_for
 from mmembed.data import cli
 from mmembed.data.converters import (
     jsonl_to_shards,
@@ -19,6 +18,7 @@ from mmembed.data.converters import (
     visdoc_pairs_to_shards,
 )
 from mmembed.data.shards import iter_decoded
+from mmembed.prompts.embedding import instructions_for
 from tests.fixtures_data import IMAGE_STRUCT, jpeg_bytes, png_bytes, write_beir, write_parquet
 
 

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from mmembed.backbone.templates import instructions_for
 from mmembed.data.evalsets import read_beir_visdoc, read_mmeb, split_legacy_text
+from mmembed.prompts.embedding import instructions_for
 from tests.fixtures_data import png_bytes, write_beir, write_parquet
 
 

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from transformers import InternVLForConditionalGeneration
 
 from mmembed import Embedder, Item
-from mmembed.backbone.templates import template_parts
 from mmembed.backbone.tokenizer import ImageOnlyInternVLProcessor
 from mmembed.backbone.vtc import apply_vtc
+from mmembed.prompts.embedding import template_parts
 
 INSTR = "Find me an everyday image that matches the given query."
 

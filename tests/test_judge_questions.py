@@ -94,7 +94,7 @@ def test_judge_synth_text_probe_questions_and_small_preset(tmp_path):
     `small` preset (the judge-sized shape) for 2 steps through the same path."""
     import json
 
-    from mmembed.judge.templates import JUDGE_TAIL
+    from mmembed.prompts.judge import JUDGE_TAIL
 
     module = _judge_synth()
     train = module.build_text_probe(tmp_path / "p", 40, seed=3)

@@ -1,7 +1,7 @@
 """The VTC InternVL3 backbone: presets, loading, compression, tiling, templates, pooling, fine-tuning modes.
 
-Names are resolved lazily (PEP 562), so light modules such as ``mmembed.backbone.templates`` (the one home of the
-prompt templates and instruction tables, imported by data-only code) do not pull in transformers.
+Names are resolved lazily (PEP 562), so light modules do not pull in transformers. The prompt templates and
+instruction tables live in ``mmembed.prompts`` (``instructions_for`` is re-exported here).
 """
 
 from __future__ import annotations

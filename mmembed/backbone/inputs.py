@@ -11,10 +11,10 @@ from PIL import Image
 from transformers import BatchFeature
 
 from mmembed.backbone import pixels
-from mmembed.backbone.templates import format_item_text, template_parts
 from mmembed.data.images import DEFAULT_MAX_PIXELS, describe_source, open_image
 from mmembed.data.images import image_size as _image_size
 from mmembed.data.skips import SkipSample
+from mmembed.prompts.embedding import format_item_text, template_parts
 from mmembed.types import ImageLike, Item, Role
 
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from transformers import BatchFeature
 
 from mmembed.backbone.inputs import InputBuilder
-from mmembed.backbone.templates import NO_ANSWER, YES_ANSWER, format_listwise, format_pointwise, format_rerank_side
+from mmembed.prompts.rerank import NO_ANSWER, YES_ANSWER, format_listwise, format_pointwise, format_rerank_side
 from mmembed.types import Item
 
 MAX_LIST = 9

@@ -86,7 +86,7 @@ _WORDS = (
 
 def _corpus() -> list[str]:
     """A fixed corpus covering English glue words, the templates and the synthetic world's vocabulary."""
-    from mmembed.backbone.templates import INSTRUCTIONS
+    from mmembed.prompts.embedding import INSTRUCTIONS
 
     lines = [inst for _, q, t in INSTRUCTIONS.values() for inst in (q, t)]
     for c, s in itertools.product(_COLOURS, _SHAPES):

@@ -53,9 +53,9 @@ _EXPORTS = {
     "mmeb_train_to_shards": "converters",
     "visdoc_beir_to_shards": "converters",
     "visdoc_pairs_to_shards": "converters",
-    "jsonl_to_shards": "converters",
-    "normalize_llava": "converters",
-    "resolve_instructions": "converters",
+    "jsonl_to_shards": "jsonl",
+    "normalize_llava": "llava",
+    "resolve_instructions": "convert_common",
     "ConvertReport": "converters",
     # synthetic world
     "generate_synth": "synth",

@@ -14,23 +14,30 @@ counted by reason in the returned report, never dropped silently.
 
 from __future__ import annotations
 
-import io
-import json
 import os
-import re
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-from PIL import Image
 
+from mmembed.data.convert_common import (  # noqa: F401  (re-exported: the converters' public helpers)
+    ConvertReport,
+    Row,
+    _as_list,
+    _Builder,
+    _check_task,
+    _guard,
+    _write,
+    image_ext,
+    read_image_file,
+    resolve_instructions,
+)
 from mmembed.data.evalsets import find_beir_part, hub_splits, image_cell, read_parquet, split_legacy_text
-from mmembed.data.schema import META_TASKS, TASKS, Sample, SchemaError, Side
-from mmembed.data.skips import SkipCounter, SkipSample
-from mmembed.data.writing import write_shards
+from mmembed.data.jsonl import jsonl_to_shards  # noqa: F401  (re-exported)
+from mmembed.data.llava import LlavaReport, normalize_llava  # noqa: F401  (re-exported)
+from mmembed.data.schema import Sample
+from mmembed.data.skips import SkipSample
 
 #: MMEB-train subsets: name -> (task, meta_task). Names as in the TIGER-Lab/MMEB-train repository.
 MMEB_TRAIN_SUBSETS: dict[str, tuple[str, str]] = {
@@ -58,159 +65,6 @@ MMEB_TRAIN_SUBSETS: dict[str, tuple[str, str]] = {
 #: MMEB-train subsets whose query images are documents (tiled like pages).
 DOCUMENT_QUERY_SUBSETS = frozenset({"DocVQA", "InfographicsVQA", "ChartQA"})
 
-_PIL_EXT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff", "MPO": "jpg"}
-
-
-@dataclass
-class ConvertReport:
-    """What a conversion wrote and what it skipped (by reason)."""
-
-    dataset: str
-    written: int = 0
-    shards: list[str] = field(default_factory=list)
-    skipped: dict[str, int] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
-        return f"{self.dataset}: wrote {self.written} samples to {len(self.shards)} shards; skipped: {skipped}"
-
-
-def resolve_instructions(
-    dataset: str, task: str | None = None, query_instruction: str | None = None, target_instruction: str | None = None
-) -> tuple[str, str]:
-    """The (query, target) instructions for a dataset: the paper's Tables 11-12, overridden by explicit arguments.
-
-    Raises:
-        ValueError: The dataset is not in the tables and not both instructions were given.
-    """
-    if query_instruction is not None and target_instruction is not None:
-        return query_instruction, target_instruction
-    from mmembed.backbone.templates import instructions_for  # lazy: keeps the backbone out of data-only imports
-
-    try:
-        query, target = instructions_for(dataset, task)
-    except KeyError as exn:
-        raise ValueError(
-            f"dataset {dataset!r} is not in the paper's instruction tables; pass --query-instruction and "
-            "--target-instruction (query_instruction=/target_instruction=)"
-        ) from exn
-    return query_instruction or query, target_instruction or target
-
-
-def image_ext(data: bytes) -> str:
-    """The member extension for encoded image bytes, read from the header (``png``, ``jpg``, ...).
-
-    Raises:
-        SkipSample: ``corrupt_image`` when PIL does not recognise the bytes.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt = im.format
-    except Exception as exn:  # noqa: BLE001 -- any failure to identify the header means an unusable image
-        raise SkipSample("corrupt_image", repr(exn)) from exn
-    return _PIL_EXT.get(fmt or "", (fmt or "img").lower())
-
-
-def read_image_file(path: str | os.PathLike) -> tuple[bytes, str]:
-    """Bytes and member extension of an image file.
-
-    Raises:
-        SkipSample: ``missing_image`` or ``corrupt_image``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SkipSample("missing_image", str(path))
-    data = path.read_bytes()
-    return data, image_ext(data)
-
-
-class _Builder:
-    """Assembles one Sample and its image members."""
-
-    def __init__(self, sample_id: str, dataset: str, task: str, meta_task: str) -> None:
-        self.id, self.dataset, self.task, self.meta_task = sample_id, dataset, task, meta_task
-        self.images: dict[str, bytes] = {}
-
-    def side(
-        self, role: str, text: str | None, image: tuple[bytes, str] | None, instruction: str | None, kind: str,
-        side_id: str | None = None,
-    ) -> Side:
-        member = None
-        if image is not None:
-            member = f"{role}.{image[1]}"
-            self.images[member] = image[0]
-        try:
-            side = Side(text=text or None, image=member, instruction=instruction, kind=kind, id=side_id)
-        except SchemaError as exn:  # counted under the reason the shard reader would give it
-            raise SkipSample(exn.reason, f"{self.id}: {role}: {exn}") from None
-        if side.is_empty:
-            raise SkipSample("empty_side", f"{self.id}: {role} has neither text nor image")
-        return side
-
-    def build(self, query: Side, positive: Side, negatives: list[Side], meta: dict[str, Any]) -> tuple[Sample, dict]:
-        try:
-            sample = Sample(id=self.id, dataset=self.dataset, task=self.task, meta_task=self.meta_task, query=query,
-                            positive=positive, negatives=negatives, meta=meta)
-        except SchemaError as exn:
-            raise SkipSample(exn.reason, f"{self.id}: {exn}") from None
-        return sample, self.images
-
-
-Row = tuple[Sample, dict[str, bytes]] | SkipSample
-
-
-def _write(
-    rows: Iterable[Row], dataset: str, out_dir: str | os.PathLike, maxcount: int, total: int | None, progress: bool
-) -> ConvertReport:
-    """Write built rows to ``out_dir/{dataset}-%06d.tar``, counting SkipSample rows; returns the report."""
-    counter = SkipCounter(f"convert:{dataset}", log_first=5)
-    report = ConvertReport(dataset)
-    from rich.progress import Progress
-
-    with Progress(disable=not progress) as bar:
-        task = bar.add_task(f"convert {dataset}", total=total)
-
-        def good() -> Iterator[tuple[Sample, dict[str, bytes]]]:
-            for row in rows:
-                if isinstance(row, SkipSample):
-                    counter.add(row.reason, detail=row.detail)
-                    bar.advance(task)
-                    continue
-                yield row
-
-        def done(_: Sample) -> None:
-            report.written += 1
-            bar.advance(task)
-
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", dataset)
-        report.shards = write_shards(good(), str(Path(out_dir) / f"{safe}-%06d.tar"), maxcount, on_sample=done)
-    report.skipped = counter.as_dict()
-    return report
-
-
-def _guard(fn: Callable[[], tuple[Sample, dict[str, bytes]]]) -> Row:
-    try:
-        return fn()
-    except SkipSample as skip:
-        return skip
-
-
-def _as_list(value: Any) -> list:
-    if value is None:
-        return []
-    if isinstance(value, str | bytes):
-        return [value]
-    return list(value)
-
-
-def _check_task(dataset: str, task: str | None, meta_task: str | None, option: str) -> tuple[str, str]:
-    if task is None or meta_task is None:
-        raise ValueError(f"dataset {dataset!r} has no known task/meta-task; {option}")
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; use one of {TASKS}")
-    if meta_task not in META_TASKS:
-        raise ValueError(f"unknown meta-task {meta_task!r}; use one of {META_TASKS}")
-    return task, meta_task
 
 
 # ----------------------------------------------------------------------------------------------------- MMEB-train
@@ -425,208 +279,3 @@ def visdoc_pairs_to_shards(
                     i += 1
 
     return _write(rows(), dataset, out_dir, maxcount, total, progress)
-
-
-# ------------------------------------------------------------------------------------------------------ JSON lines
-def _infer_task(query: Mapping[str, Any], positive: Mapping[str, Any]) -> str:
-    def modality(side: Mapping[str, Any]) -> str:
-        return ("i" if side.get("image") else "") + ("t" if side.get("text") else "")
-
-    q, c = modality(query), modality(positive)
-    if q == "t" and c == "i" and positive.get("kind") == "document":
-        return "t2vd"
-    task = f"{q}2{c}"
-    if task not in TASKS:
-        raise SkipSample("bad_json", f"cannot infer a task from query {q or 'empty'} -> candidate {c or 'empty'}")
-    return task
-
-
-def jsonl_to_shards(
-    jsonl: str | os.PathLike,
-    image_root: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    dataset: str | None = None,
-    task: str | None = None,
-    meta_task: str | None = None,
-    query_instruction: str | None = None,
-    target_instruction: str | None = None,
-    maxcount: int = 1000,
-    progress: bool = False,
-) -> list[ConvertReport]:
-    """Convert generic JSON lines to shards, one shard set per dataset.
-
-    Each line: ``{"query": {"text", "image", "instruction"?, "kind"?}, "positive": {...}, "negatives": [...],
-    "dataset"?, "task"?, "meta_task"?, "id"?}``; a side may also be a plain string (its text). Image paths are
-    relative to ``image_root``. Arguments fill what a line leaves out (``dataset``, ``meta_task``) and override
-    instructions; the task defaults to the modalities (``t2i``, ``it2t``, ``t2vd`` for a document positive...).
-    Instruction precedence: argument > the side's ``instruction`` > the paper's table for the dataset.
-
-    Raises:
-        ValueError: A dataset without instructions or meta-task (naming the option to pass).
-    """
-    path, root = Path(jsonl), Path(image_root)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; pass the JSON-lines file")
-    by_dataset: dict[str, list[tuple[int, dict[str, Any]]]] = {}
-    parse = SkipCounter(f"jsonl:{path.name}")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict) or "query" not in rec or "positive" not in rec:
-                    raise ValueError("needs 'query' and 'positive'")
-            except ValueError as exn:
-                parse.add("bad_json", where=f"line {lineno}", detail=str(exn))
-                continue
-            name = rec.get("dataset") or dataset
-            if not name:
-                raise ValueError(f"{path} line {lineno}: no 'dataset'; add it to the line or pass --dataset")
-            by_dataset.setdefault(name, []).append((lineno, rec))
-
-    def side_dict(value: Any) -> dict[str, Any]:
-        return {"text": value} if isinstance(value, str) else dict(value or {})
-
-    reports = []
-    for name, records in by_dataset.items():
-        ds_meta = meta_task or next((r.get("meta_task") for _, r in records if r.get("meta_task")), None)
-        if ds_meta is None:
-            raise ValueError(
-                f"dataset {name!r} in {path}: no meta_task; add \"meta_task\" to its lines or pass --meta-task"
-            )
-        if ds_meta not in META_TASKS:
-            raise ValueError(f"dataset {name!r}: unknown meta_task {ds_meta!r}; use one of {META_TASKS}")
-        need_table = any(
-            not side_dict(r["query"]).get("instruction") or not side_dict(r["positive"]).get("instruction")
-            for _, r in records
-        )
-        table_q = table_t = None
-        if need_table and (query_instruction is None or target_instruction is None):
-            table_q, table_t = resolve_instructions(name, task, query_instruction, target_instruction)
-
-        def build(lineno: int, rec: dict[str, Any], name: str = name, ds_meta: str = ds_meta,
-                  table_q: str | None = table_q, table_t: str | None = table_t) -> tuple[Sample, dict[str, bytes]]:
-            q, p = side_dict(rec["query"]), side_dict(rec["positive"])
-            negs = [side_dict(n) for n in rec.get("negatives") or []]
-            t = rec.get("task") or task or _infer_task(q, p)
-            if t not in TASKS:
-                raise SkipSample("bad_json", f"line {lineno}: unknown task {t!r}")
-            b = _Builder(str(rec.get("id") or f"{name}/{lineno:08d}"), name, t, rec.get("meta_task") or ds_meta)
-
-            def make(role: str, s: dict[str, Any], default: str | None, override: str | None) -> Side:
-                img = read_image_file(root / s["image"]) if s.get("image") else None
-                kind = s.get("kind") or "natural"
-                if kind not in ("natural", "document"):
-                    raise SkipSample("bad_json", f"line {lineno}: {role} kind {kind!r} is not natural/document")
-                return b.side(role, s.get("text"), img, override or s.get("instruction") or default, kind, s.get("id"))
-
-            query = make("query", q, table_q, query_instruction)
-            pos = make("pos", p, table_t, target_instruction)
-            negatives = [make(f"neg{j}", n, table_t, target_instruction) for j, n in enumerate(negs)]
-            return b.build(query, pos, negatives, dict(rec.get("meta") or {}) | {"source": f"{path.name}:{lineno}"})
-
-        rows = (_guard(lambda ln=ln, rec=rec: build(ln, rec)) for ln, rec in records)
-        report = _write(rows, name, out_dir, maxcount, len(records), progress)
-        reports.append(report)
-    if parse.total:  # lines that never reached a dataset are reported with the first one
-        if reports:
-            reports[0].skipped = SkipCounter().merge(reports[0].skipped).merge(parse).as_dict()
-        else:
-            reports.append(ConvertReport(dataset or path.stem, skipped=parse.as_dict()))
-    return reports
-
-
-# ------------------------------------------------------------------------------------------------------------ LLaVA
-_ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt", "model": "gpt"}
-
-
-@dataclass
-class LlavaReport:
-    """Normalised records and the counts of records dropped, by reason."""
-
-    records: list[dict[str, Any]]
-    skipped: dict[str, int]
-
-    def __str__(self) -> str:
-        skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
-        return f"kept {len(self.records)} conversations; skipped: {skipped}"
-
-
-def normalize_llava(
-    path: str | os.PathLike,
-    image_root: str | os.PathLike | None = None,
-    *,
-    out: str | os.PathLike | None = None,
-    check_images: bool = True,
-) -> LlavaReport:
-    """Validate and normalise LLaVA-style instruction data.
-
-    Normalises roles (``user``/``assistant`` -> ``human``/``gpt``), ids (strings, filled if absent) and a single
-    image given as a one-element list; adds missing ``<image>`` placeholders at the start of the first human turn.
-    Drops (and counts) records that are not dicts (``bad_record``), have unknown roles (``bad_role``), turns that do
-    not alternate human/gpt starting with human and ending with gpt (``bad_turns``), empty or non-string values
-    (``empty_turn``), more placeholders than images (``placeholder_mismatch``) or missing image files
-    (``missing_image``).
-
-    Args:
-        path: The JSON file (a list of records).
-        image_root: Folder image paths are relative to (default: the JSON's folder).
-        out: Where to write the normalised JSON (optional).
-        check_images: Check that every image file exists.
-
-    Raises:
-        ValueError: The file is not a JSON list.
-    """
-    path = Path(path)
-    root = Path(image_root) if image_root is not None else path.parent
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exn:
-        raise ValueError(f"{path}: not valid JSON ({exn}); LLaVA data is one JSON list of records") from exn
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: top level is {type(data).__name__}; LLaVA data is a JSON list of records")
-    kept, skipped = [], Counter()
-    for i, rec in enumerate(data):
-        reason = None
-        if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list) or not rec["conversations"]:
-            reason = "bad_record"
-        else:
-            images = rec.get("image")
-            images = [] if images in (None, "") else ([images] if isinstance(images, str) else list(images))
-            turns = []
-            for turn in rec["conversations"]:
-                role = _ROLES.get(str(turn.get("from", "")).lower()) if isinstance(turn, dict) else None
-                if role is None:
-                    reason = "bad_role"
-                    break
-                value = turn.get("value")
-                if not isinstance(value, str) or not value.strip():
-                    reason = "empty_turn"
-                    break
-                turns.append({"from": role, "value": value})
-            if reason is None:
-                roles = [t["from"] for t in turns]
-                if roles != ["human", "gpt"] * (len(roles) // 2) or len(roles) % 2:
-                    reason = "bad_turns"
-            if reason is None:
-                placeholders = sum(t["value"].count("<image>") for t in turns if t["from"] == "human")
-                if placeholders > len(images):
-                    reason = "placeholder_mismatch"
-                elif placeholders < len(images):
-                    turns[0]["value"] = "<image>\n" * (len(images) - placeholders) + turns[0]["value"]
-            if reason is None and check_images and any(not (root / p).is_file() for p in images):
-                reason = "missing_image"
-            if reason is None:
-                norm: dict[str, Any] = {"id": str(rec.get("id", f"{path.stem}_{i}"))}
-                if images:
-                    norm["image"] = images[0] if len(images) == 1 else images
-                norm["conversations"] = turns
-                kept.append(norm)
-        if reason is not None:
-            skipped[reason] += 1
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(kept, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    return LlavaReport(kept, dict(sorted(skipped.items())))

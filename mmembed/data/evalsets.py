@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmembed.backbone.templates import instructions_for
+from mmembed.prompts.embedding import instructions_for
 from mmembed.types import Item
 
 IMAGE_PLACEHOLDER = "<|image_1|>"

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from mmembed.backbone.templates import instructions_for
 from mmembed.data.xmodal import CaptionSet, CompositionSet, load_xmodal_sets
 from mmembed.eval import metrics
 from mmembed.eval.results import BenchmarkResult, Encoder, SetScore, Timer
+from mmembed.prompts.embedding import instructions_for
 from mmembed.types import Item
 
 #: Table 5's column group of each public set.

@@ -33,7 +33,7 @@ def _chunk_path(out: Path, c: int) -> Path:
 
 
 def _run_record(embedder: Any, corpus: Corpus, chunk_size: int, role: str) -> dict[str, Any]:
-    from mmembed.mining.embedding import model_fingerprint
+    from mmembed.embedder import model_fingerprint
 
     ids = hashlib.sha1("\n".join(corpus.ids).encode()).hexdigest()
     return {"model_fingerprint": model_fingerprint(embedder), "ids_sha1": ids, "count": len(corpus),
@@ -130,7 +130,7 @@ def build_index(embedder: Any, corpus: Corpus, out_dir: str | os.PathLike, *, ki
                             world_size=world_size, show_progress=show_progress)
     if vectors is None:
         return None
-    from mmembed.mining.embedding import model_fingerprint
+    from mmembed.embedder import model_fingerprint
 
     info = {"model": model, "role": "candidate", "model_fingerprint": model_fingerprint(embedder),
             "source": corpus.source, "skipped": corpus.skipped}

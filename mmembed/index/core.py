@@ -219,7 +219,7 @@ class Index:
         try:
             scores, idx = self._flat_faiss().search(q, kk)
         except ImportError:  # faiss is optional: the torch top-k ranks the same way
-            from mmembed.mining.search import topk_search
+            from mmembed.index.search import topk_search
 
             s, i = topk_search(torch.from_numpy(q), torch.from_numpy(np.array(self.vectors)), kk,
                                corpus_chunk_size=65536)

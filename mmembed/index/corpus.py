@@ -40,9 +40,9 @@ def corpus_from_shards(spec: str | os.PathLike) -> Corpus:
     A positive's id is its ``Side.id``, else ``{dataset}/sha1:{content hash}``; repeats are kept once.
     """
     from mmembed.data.decode import side_to_item
+    from mmembed.data.identity import corpus_id
     from mmembed.data.reading import expand_urls, iter_decoded
     from mmembed.data.skips import SkipCounter
-    from mmembed.mining.corpus import corpus_id
 
     counter = SkipCounter("index")
     ids, items, meta, seen = [], [], [], set()

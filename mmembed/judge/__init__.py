@@ -2,7 +2,7 @@
 
 from mmembed.judge.curate import CurationSummary, curate
 from mmembed.judge.judge import Judge, JudgePair, JudgeScores, answer_token_ids, image_only_processor_class
-from mmembed.judge.templates import BINARY_LABEL_DATASETS, JUDGMENT_INSTRUCTIONS, judgment_instruction
+from mmembed.prompts.judge import BINARY_LABEL_DATASETS, JUDGMENT_INSTRUCTIONS, judgment_instruction
 
 __all__ = ["BINARY_LABEL_DATASETS", "JUDGMENT_INSTRUCTIONS", "CurationSummary", "Judge", "JudgePair", "JudgeScores",
            "answer_token_ids", "curate", "image_only_processor_class", "judgment_instruction"]

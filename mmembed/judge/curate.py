@@ -48,12 +48,12 @@ from mmembed.data.reading import expand_urls
 from mmembed.data.schema import Sample, Side
 from mmembed.data.skips import SkipCounter
 from mmembed.data.writing import write_atomic, write_shards
+from mmembed.index.search import topk_search
 from mmembed.judge.judge import Judge, JudgePair
-from mmembed.judge.templates import BINARY_LABEL_DATASETS, is_binary_label, judgment_instruction
 from mmembed.mining.corpus import DatasetCorpus, collect_datasets
 from mmembed.mining.embedding import BLOCK_BATCHES, embed_datasets, gather_parts, part_path, split_fingerprint
 from mmembed.mining.sampling import filter_ranked
-from mmembed.mining.search import topk_search
+from mmembed.prompts.judge import BINARY_LABEL_DATASETS, is_binary_label, judgment_instruction
 from mmembed.types import Item
 
 log = logging.getLogger(__name__)

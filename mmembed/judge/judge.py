@@ -6,7 +6,7 @@ Qwen2.5-VL, Qwen3-VL); folders written by ``Embedder.save_pretrained`` (and pres
 backbone code so that visual token compression is restored. Without torchvision the stock processors cannot build
 their video processor; the loader then builds the same processor class without it (:func:`image_only_processor_class`).
 
-The prompt is the paper's judgment template with the instruction of Table 13 (:mod:`mmembed.judge.templates`). The
+The prompt is the paper's judgment template with the instruction of Table 13 (:mod:`mmembed.prompts.judge`). The
 score is ``logit(yes) - logit(no)`` of the first answer token; both logits are kept. ``yes``/``no`` token ids come
 from the judge's tokenizer: every single-token spelling among ``yes``, ``Yes``, ``YES`` with and without a leading
 space; a word's logit is the largest over its spellings (the spelling the model prefers).
@@ -34,7 +34,7 @@ import torch
 from rich.progress import track
 
 from mmembed.backbone.inputs import load_image
-from mmembed.judge.templates import JUDGE_HEAD, JUDGE_MIDDLE, JUDGE_TAIL
+from mmembed.prompts.judge import JUDGE_HEAD, JUDGE_MIDDLE, JUDGE_TAIL
 from mmembed.types import Item
 
 log = logging.getLogger(__name__)

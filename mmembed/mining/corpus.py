@@ -3,12 +3,12 @@ corpus of positives (by ``Side.id``, else by content)."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 from PIL import Image
 
 from mmembed.data.decode import DecodedSample, side_to_item
+from mmembed.data.identity import content_key, corpus_id  # noqa: F401  (content_key: re-exported for callers)
 from mmembed.data.reading import iter_decoded
 from mmembed.data.schema import Side
 from mmembed.data.skips import SkipCounter
@@ -38,31 +38,6 @@ class DatasetCorpus:
         if role == "candidate":
             return [side_to_item(c.side, {c.side.image: c.image} if c.image is not None else {}) for c in self.corpus]
         return [side_to_item(self.samples[i].sample.query, self.samples[i].images) for i in self.unique_queries]
-
-
-def content_key(side: Side, image: Image.Image | None) -> str:
-    """A hash of a side's content -- its text and decoded pixels -- that identifies exact duplicates.
-
-    The instruction and the image encoding are left out: the same caption or picture stored twice (as PNG and JPEG,
-    or under two templates) is the same candidate.
-    """
-    h = hashlib.sha1()
-    # Length-prefixed parts, so a text can never run into the image header that follows it.
-    text = side.text.encode("utf-8") if side.text is not None else None
-    h.update(b"T%d:" % len(text) + text if text is not None else b"T-:")
-    if image is not None:
-        h.update(f"I{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
-        h.update(image.tobytes())
-    return h.hexdigest()
-
-
-def corpus_id(dataset: str, side: Side, image: Image.Image | None, key: str | None = None) -> str:
-    """The corpus id of a positive: its ``Side.id``, else ``{dataset}/sha1:{content hash}`` (saved indexes use it too).
-
-    Args:
-        key: The side's :func:`content_key` when already computed.
-    """
-    return side.id or f"{dataset}/sha1:{(key or content_key(side, image))[:16]}"
 
 
 def collect_datasets(urls: list[str], counter: SkipCounter) -> dict[str, DatasetCorpus]:

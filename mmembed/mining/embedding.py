@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from rich.progress import track
 
+from mmembed.embedder import model_fingerprint  # noqa: F401  (re-exported: mining callers use it here)
 from mmembed.types import Item
 
 if TYPE_CHECKING:
@@ -54,24 +55,6 @@ def work_blocks(datasets: dict[str, DatasetCorpus], block_size: int,
             total = len(ds.corpus) if role == "candidate" else len(ds.unique_queries)
             out.extend((name, role, s, min(s + block_size, total)) for s in range(0, total, block_size))
     return out
-
-
-def model_fingerprint(embedder: Any) -> str:
-    """A hash of a few values of every parameter of ``embedder.module``: tells two models' embeddings apart.
-
-    Cheap even for a 1B model, and enough to tell a stale file left by a run with other weights from this run's.
-    Empty string for an embedder without a torch module (e.g. a test double).
-    """
-    module = getattr(embedder, "module", None)
-    if not isinstance(module, torch.nn.Module):
-        return ""
-    h = hashlib.sha1()
-    with torch.no_grad():
-        for pname, p in module.named_parameters():
-            flat = p.detach().flatten()
-            probe = torch.cat([flat[:8], flat[-8:]]).float().cpu().numpy()
-            h.update(f"{pname}{tuple(p.shape)}".encode() + probe.tobytes())
-    return h.hexdigest()
 
 
 def split_fingerprint(embedder: Any, datasets: dict[str, DatasetCorpus], block_size: int, world_size: int) -> str:

@@ -56,10 +56,10 @@ from mmembed.data.reading import expand_urls
 from mmembed.data.schema import Sample, Side
 from mmembed.data.skips import SkipCounter
 from mmembed.data.writing import write_atomic, write_shards
+from mmembed.index.search import topk_search
 from mmembed.mining.corpus import DatasetCorpus, collect_datasets
 from mmembed.mining.embedding import ROLES, embed_datasets, model_fingerprint, part_path
 from mmembed.mining.sampling import filter_ranked, rule_based_negatives, sample_window_negatives
-from mmembed.mining.search import topk_search
 from mmembed.mining.stats import DatasetMiningStats, MiningSummary
 
 log = logging.getLogger(__name__)

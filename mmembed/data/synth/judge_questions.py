@@ -37,7 +37,7 @@ from PIL import Image
 
 from mmembed.data.shards import encode_image
 from mmembed.data.synth.tasks import DATASETS, Cand, Example, SynthDataset
-from mmembed.judge.templates import judgment_body, judgment_instruction
+from mmembed.prompts.judge import judgment_body, judgment_instruction
 
 RELATIONS = ("positive", "false_negative", "negative")
 ANSWERS = {True: " yes", False: " no"}

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field, replace
 
 from PIL import Image
 
-from mmembed.backbone.templates import instructions_for
 from mmembed.data.synth import documents as docs
 from mmembed.data.synth import scenes as sc
+from mmembed.prompts.embedding import instructions_for
 
 
 @dataclass
