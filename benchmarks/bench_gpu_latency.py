@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def make_items(preset: str, n: int, seed: int) -> dict[str, list]:
     """``n`` items of each kind, with the paper's instructions (Tables 11-12)."""
     from mmembed import Item
-    from mmembed.backbone.templates import instructions_for
+    from mmembed.prompts.embedding import instructions_for
 
     rng = random.Random(seed)
     side = tile_side(preset)

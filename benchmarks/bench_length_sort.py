@@ -51,8 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def mixed_corpus(preset: str, n: int, seed: int) -> list:
     """A shuffled corpus of texts, natural images and document pages (a third each), with candidate instructions."""
     from mmembed import Item
-    from mmembed.backbone.templates import instructions_for
     from mmembed.data.synth import scenes
+    from mmembed.prompts.embedding import instructions_for
 
     rng = random.Random(seed)
     side = tile_side(preset)

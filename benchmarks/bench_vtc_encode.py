@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def build_items(preset: str, n: int, seed: int) -> dict:
     """``n`` natural-image and ``n`` document candidates with the paper's instructions."""
     from mmembed import Item
-    from mmembed.backbone.templates import instructions_for
+    from mmembed.prompts.embedding import instructions_for
 
     rng = random.Random(seed)
     side = tile_side(preset)

@@ -158,8 +158,8 @@ def mix_weights(args: argparse.Namespace, mix: str) -> dict[str, float]:
 def make_samples(preset: str, task_name: str, batch_size: int, seed: int) -> tuple[list, list]:
     """Queries and positive candidates (``Item`` s) for one batch of one task, with the paper's instructions."""
     from mmembed import Item
-    from mmembed.backbone.templates import instructions_for
     from mmembed.data.synth import scenes
+    from mmembed.prompts.embedding import instructions_for
 
     task = TASKS[task_name]
     rng = random.Random(f"{seed}:{task_name}")

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mmembed import Embedder, Item
-from mmembed.backbone.templates import instructions_for
+from mmembed.prompts.embedding import instructions_for
 
 
 def scene(color: str, shape: str, size: int = 448) -> Image.Image:

@@ -61,7 +61,7 @@ def build_text_probe(out: Path, n: int, seed: int) -> Path:
     comparison through the template -- the step the image questions need after perception. Returns the training file.
     """
     from mmembed.data.synth.scenes import COLORS
-    from mmembed.judge.templates import TASK_FALLBACK, judgment_body
+    from mmembed.prompts.judge import TASK_FALLBACK, judgment_body
 
     folder = out / "text_probe"
     folder.mkdir(parents=True, exist_ok=True)
