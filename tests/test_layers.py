@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: summary uses them; the rest of ``report`` reads MLflow through ``tracking``.
 REPORT_CORE = {"report.stats", "report.plots", "report.markdown", "report.sweeps"}
 FLOORS: list[set[str]] = [
-    {"prompts", "types", "errors", "memory", "pipeline", "report-core"},
+    {"prompts", "types", "errors", "memory", "pipeline", "rankparts", "report-core"},
     {"data"},
     {"backbone"},
     {"losses", "embedder"},

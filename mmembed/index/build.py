@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mmembed.index.core import Index, IndexKind
 from mmembed.index.corpus import Corpus
+from mmembed.rankparts import wait_for
 from mmembed.types import Role
 
 log = logging.getLogger(__name__)
@@ -100,13 +100,8 @@ def encode_corpus(embedder: Any, corpus: Corpus, out_dir: str | os.PathLike, *, 
             progress.advance(task, len(items))
     if rank != 0:
         return None
-    deadline = time.monotonic() + timeout_s
-    for c in range(n_chunks):
-        while not _chunk_path(out, c).exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"chunk {c} (rank {c % world_size}) did not appear within {timeout_s:.0f}s; run "
-                                   "that rank with the same arguments, or raise the timeout")
-            time.sleep(1.0)
+    paths = [_chunk_path(out, c) for c in range(n_chunks)]
+    wait_for(paths, timeout_s, lambda p: f"chunk {paths.index(p)} (rank {paths.index(p) % world_size}) {p}")
     if n_chunks == 0:
         return np.zeros((0, embedder.embed_dim), np.float32)
     return np.concatenate([np.load(_chunk_path(out, c)) for c in range(n_chunks)])

@@ -51,9 +51,10 @@ from mmembed.data.writing import write_atomic, write_shards
 from mmembed.index.search import topk_search
 from mmembed.judge.judge import Judge, JudgePair
 from mmembed.mining.corpus import DatasetCorpus, collect_datasets
-from mmembed.mining.embedding import BLOCK_BATCHES, embed_datasets, gather_parts, part_path, split_fingerprint
+from mmembed.mining.embedding import BLOCK_BATCHES, embed_datasets, split_fingerprint
 from mmembed.mining.sampling import filter_ranked
 from mmembed.prompts.judge import BINARY_LABEL_DATASETS, is_binary_label, judgment_instruction
+from mmembed.rankparts import gather_parts, wait_for, write_part
 from mmembed.types import Item
 
 log = logging.getLogger(__name__)
@@ -127,14 +128,6 @@ class CurationSummary:
 # ------------------------------------------------------------------------------------------------------ step 1
 def _urls(shards) -> list[str]:
     return expand_urls(shards) if isinstance(shards, str | os.PathLike) else expand_urls([str(s) for s in shards])
-
-
-def _wait_for(path: Path, timeout_s: float, what: str, poll_s: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} {path} did not appear within {timeout_s:.0f}s; run rank 0 (same settings)")
-        time.sleep(poll_s)
 
 
 def retrieve_candidates(embedder: Any, shards, cache_dir: str | os.PathLike, *, k: int = 20, batch_size: int = 32,
@@ -217,7 +210,7 @@ def judge_candidates(judge: Judge | None, shards, cache_dir: str | os.PathLike, 
     """
     cache = Path(cache_dir)
     instructions = dict(instructions or {})
-    _wait_for(cache / RETRIEVAL_FILE, part_timeout_s, "retrieval results")
+    wait_for([cache / RETRIEVAL_FILE], part_timeout_s, lambda p: f"retrieval results {p} (rank 0's)", poll_s=2.0)
     retrieval = json.loads((cache / RETRIEVAL_FILE).read_text())
     if judge is None:  # rule-based curation without a judge: nothing to compute, and a shared cache is left intact
         if rank != 0:
@@ -259,10 +252,7 @@ def judge_candidates(judge: Judge | None, shards, cache_dir: str | os.PathLike, 
     if world_size > 1:
         parts = cache / "judge_parts"
         if rank != 0:
-            p = part_path(parts, rank, world_size)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"fingerprint": fingerprint, "blocks": own}, p.with_name(p.name + ".tmp"))
-            os.replace(p.with_name(p.name + ".tmp"), p)
+            write_part(parts, rank, world_size, fingerprint, own)
             return None
         own = gather_parts(parts, world_size, fingerprint, own, part_timeout_s)
     judged = {g: own[g] for g in range(len(work)) if g in own}

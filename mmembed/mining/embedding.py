@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from PIL import Image
 from rich.progress import track
 
 from mmembed.embedder import model_fingerprint  # noqa: F401  (re-exported: mining callers use it here)
+from mmembed.rankparts import gather_parts, part_path, write_part  # noqa: F401  (part_path: re-exported)
 from mmembed.types import Item
 
 if TYPE_CHECKING:
@@ -86,30 +86,6 @@ def embed_blocks(embedder: Any, datasets: dict[str, DatasetCorpus], blocks: list
     return out
 
 
-def part_path(out_dir: Path, rank: int, world_size: int) -> Path:
-    return out_dir / "tmp" / f"part-{rank:03d}-of-{world_size:03d}.pt"
-
-
-def gather_parts(out_dir: Path, world_size: int, fingerprint: str, own: dict[int, torch.Tensor],
-                  timeout_s: float, poll_s: float = 2.0) -> dict[int, torch.Tensor]:
-    """Rank 0: wait for the other ranks' part files, check they belong to this run and merge them."""
-    merged = dict(own)
-    deadline = time.monotonic() + timeout_s
-    for r in range(1, world_size):
-        path = part_path(out_dir, r, world_size)
-        while not path.exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"rank {r}'s embeddings {path} did not appear within {timeout_s:.0f}s; "
-                                   "run that rank (same shards, batch_size and world_size) or raise part_timeout_s")
-            time.sleep(poll_s)
-        part = torch.load(path, map_location="cpu", weights_only=True)
-        if part["fingerprint"] != fingerprint:
-            raise ValueError(f"{path} was written for other shards, model, batch_size or world_size; delete "
-                             f"{path.parent} and rerun every rank")
-        merged.update(part["blocks"])
-    return merged
-
-
 def assemble(datasets: dict[str, DatasetCorpus], blocks: list[tuple[str, str, int, int]],
               embedded: dict[int, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
     missing = [b for b in range(len(blocks)) if b not in embedded]
@@ -146,11 +122,7 @@ def embed_datasets(embedder: Any, datasets: dict[str, DatasetCorpus], parts_dir:
         fingerprint = split_fingerprint(embedder, datasets, block_size, world_size) + fingerprint_extra
         parts = Path(parts_dir)
         if rank != 0:
-            path = part_path(parts, rank, world_size)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save({"fingerprint": fingerprint, "blocks": embedded}, tmp)
-            os.replace(tmp, path)  # atomic: rank 0 never reads a half-written part
+            path = write_part(parts, rank, world_size, fingerprint, embedded)
             log.info("rank %d/%d: embedded %d blocks -> %s", rank, world_size, len(mine), path)
             return None
         embedded = gather_parts(parts, world_size, fingerprint, embedded, part_timeout_s)
