@@ -17,6 +17,8 @@ the sweep callback), where ``from mmembed.launch import validate, run_task`` rea
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -33,4 +35,12 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    from mmembed.launch.config import ConfigError
+    from mmembed.launch.preflight import check_overrides
+
+    try:  # an unknown key or +exp as one line, before Hydra's multi-line report
+        check_overrides(sys.argv[1:], Path(__file__).resolve().parent / "configs")
+    except ConfigError as e:
+        print(f"config error: {e.msg}", file=sys.stderr)
+        raise SystemExit(2) from None
     main()

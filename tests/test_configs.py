@@ -110,3 +110,51 @@ def test_validation_gives_one_line_errors(tmp_path):
     assert OmegaConf.to_yaml(cfg) == before  # checks change nothing
     # clipping moves from the Trainer (unsupported in manual optimisation) into the module, where fit builds them
     assert clipping(cfg) == ({"gradient_clip_val": 1.0}, {"gradient_clip_val": None})
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["module.optimizer.lr=abc"], "module.optimizer.lr='abc' must be a positive number"),
+    (["module.optimizer.lr=-0.001"], "module.optimizer.lr=-0.001 must be a positive number"),
+    (["data.batch_size=0"], "data.batch_size=0 must be a whole number >= 1"),
+    (["backbone.name_or_path=/no/such/model"], "backbone.name_or_path=/no/such/model does not exist"),
+    (["backbone.name_or_path=FILE"], "is a file"),
+    (["backbone.name_or_path=tinyy"], "backbone.name_or_path=tinyy is not a preset"),
+    (["ckpt_path=FILE"], "is not a Lightning checkpoint"),
+    (["trainer.accelerator=quantum"], "trainer.accelerator='quantum' is not one of"),
+    (["callbacks.mmeb.max_queries=lots"], "callbacks.mmeb.max_queries='lots' must be a whole number >= 1"),
+    (["callbacks.visdoc.batch_size=0"], "callbacks.visdoc.batch_size=0 must be a whole number"),
+])
+def test_bad_values_are_refused_in_one_line_by_the_checks(tmp_path, overrides, key):
+    """Values that used to fail only after the synthetic world was generated (or as Hydra's "Error in call to
+    target"): each is one ConfigError line from validate(), which runs before any data work."""
+    from mmembed.launch import ConfigError, validate
+
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"not a checkpoint")
+    cfg = _compose(tmp_path, [o.replace("FILE", str(garbage)) for o in overrides])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert key in e.value.msg and "\n" not in e.value.msg
+
+
+def test_good_values_pass_the_checks(tmp_path):
+    from mmembed.launch import validate
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    validate(_compose(tmp_path, ["module.optimizer.lr=1e-4", "trainer.accelerator=auto",
+                                 f"backbone.name_or_path={model}", "callbacks.mmeb.max_queries=4"]))
+
+
+def test_unknown_keys_and_experiments_are_one_line_before_hydra(tmp_path):
+    from mmembed.launch import ConfigError
+    from mmembed.launch.preflight import check_overrides
+
+    for argv, expect in ((["trainer.max_step=3"], "Could not override 'trainer.max_step'"),
+                         (["+exp=no_such_exp"], "Could not find 'exp/no_such_exp'; available: ablation_hn0")):
+        with pytest.raises(ConfigError) as e:
+            check_overrides(argv, CONFIGS)
+        assert expect in e.value.msg and "\n" not in e.value.msg
+    check_overrides(["+exp=quickstart", "seed=3", f"hydra.run.dir={tmp_path}"], CONFIGS)  # valid: nothing raised
+    check_overrides(["-m", "seed=0,1"], CONFIGS)  # Hydra flags: left to Hydra

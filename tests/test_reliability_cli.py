@@ -83,6 +83,20 @@ def test_wrong_typed_overrides_are_refused_at_composition_before_any_data(tmp_pa
     assert not (tmp_path / "data").exists()  # refused before the synthetic world is generated
 
 
+@pytest.mark.e2e
+def test_config_errors_are_one_line_before_any_data_work(tmp_path):
+    """An unknown key (Hydra's own multi-line report before) and a value that used to fail after the world was
+    generated (negative learning rate) both end in one line, exit status 2, with no data written."""
+    for args, expect in ((["trainer.max_step=3"], "Could not override 'trainer.max_step'"),
+                         (["module.optimizer.lr=-1"], "module.optimizer.lr=-1 must be a positive number")):
+        r = _run(tmp_path, args)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert expect in _one_error_line(r.stderr, "config error:")
+        if args == ["trainer.max_step=3"]:
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # not Hydra's multi-line report
+    assert not (tmp_path / "data").exists()
+
+
 def test_unreachable_mlflow_server_fails_fast_with_one_line(tmp_path):
     port = _closed_port()
     start = time.perf_counter()

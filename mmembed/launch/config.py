@@ -5,7 +5,9 @@ Every problem is a :class:`ConfigError`: one line that names the key and the fix
 
 from __future__ import annotations
 
+import numbers
 import typing
+import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 TASKS = ("train", "mine", "hnm", "eval", "judge", "judge_ft", "pipeline")
+#: Lightning's accelerator names (``Trainer(accelerator=...)``), listed here so the check needs no Lightning import.
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu", "xla")
+#: Integer settings of the eval callbacks (``callbacks.<name>.<key>``), at least 1 when set.
+EVAL_INTS = ("max_queries", "batch_size", "every_n_epochs", "every_n_steps", "n", "max_new_tokens")
 
 
 def instantiate(cfg: Any, **kwargs: Any) -> Any:
@@ -132,6 +138,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"config value {key or ''} is missing or invalid ({type(e).__name__}: "
                           f"{str(e).splitlines()[0]}); set it on the command line, e.g. {key or 'key'}=...") from None
     check_types(cfg)
+    check_values(cfg)
     if cfg.get("hard_negatives", 0) < 0:
         raise ConfigError(f"hard_negatives={cfg.hard_negatives} must be >= 0; e.g. hard_negatives=2")
     if cfg.data.get("num_hard_negatives", 0) < 0:
@@ -165,6 +172,67 @@ def validate(cfg: DictConfig) -> None:
             check_server(str(uri))
         except ConnectionError as e:
             raise ConfigError(f"logger.tracking_uri: {e}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Values that would otherwise fail only after the data work (or deep inside a constructor): the learning rate,
+    batch sizes, the model and checkpoint paths, the accelerator and the eval callbacks' counts.
+
+    Raises:
+        ConfigError: Naming the key, its value and an example of a valid one.
+    """
+    lr = OmegaConf.select(cfg, "module.optimizer.lr", default=None)
+    if lr is not None and (not isinstance(lr, numbers.Real) or isinstance(lr, bool) or not lr > 0):
+        raise ConfigError(f"module.optimizer.lr={lr!r} must be a positive number; e.g. module.optimizer.lr=2e-4")
+    for key in ("data.batch_size", "mining.batch_size", "judge.batch_size", "judge.embed_batch_size"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and (not _is_int(value) or value < 1):
+            raise ConfigError(f"{key}={value!r} must be a whole number >= 1; e.g. {key}=8")
+    check_model_path(OmegaConf.select(cfg, "backbone.name_or_path", default=None))
+    if cfg.get("ckpt_path") and Path(cfg.ckpt_path).is_file() and not zipfile.is_zipfile(cfg.ckpt_path):
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} is not a Lightning checkpoint (not a torch zip archive); point "
+                          "at <run>/checkpoints/last.ckpt")
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator", default=None)
+    if accelerator is not None and not (isinstance(accelerator, str) and accelerator in ACCELERATORS):
+        raise ConfigError(f"trainer.accelerator={accelerator!r} is not one of {ACCELERATORS}; e.g. "
+                          "trainer.accelerator=cpu (or trainer=gpu)")
+    for name, c in (cfg.get("callbacks") or {}).items():
+        if not c or not str(c.get("_target_", "")).startswith("mmembed.callbacks."):
+            continue
+        for key in EVAL_INTS:
+            value = c.get(key)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ConfigError(f"callbacks.{name}.{key}={value!r} must be a whole number >= 1 or null; e.g. "
+                                  f"callbacks.{name}.{key}=8")
+
+
+def check_model_path(name_or_path: Any) -> None:
+    """``backbone.name_or_path`` is a preset name or a model folder holding ``config.json``.
+
+    Raises:
+        ConfigError: A path that does not exist, a file, a folder without ``config.json``, an unknown preset.
+    """
+    if name_or_path is None:
+        return
+    value = str(name_or_path)
+    path = Path(value).expanduser()
+    if path.is_file():
+        raise ConfigError(f"backbone.name_or_path={value} is a file; point at the model folder (with config.json)")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"backbone.name_or_path={value} has no config.json; point at a model folder (e.g. "
+                              "<run>/embedder or an InternVL3-*-hf download)")
+        return
+    from mmembed.backbone.presets import PRESETS
+
+    if value not in PRESETS:
+        what = "does not exist" if any(c in value for c in "/\\~.") else "is not a preset"
+        raise ConfigError(f"backbone.name_or_path={value} {what}; use a model folder or a preset "
+                          f"({', '.join(PRESETS)})")
 
 
 def clipping(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
