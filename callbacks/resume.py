@@ -9,8 +9,8 @@ uninterrupted run stood when the checkpoint was written (``ModelCheckpoint`` run
 nothing draws between the capture and the next step). DataLoader worker seeds need no entry: ``RankLoader`` derives
 them from ``(seed, rank, epoch)``.
 
-It also records the run id of every ``MLFlowLogger`` of the trainer, so ``experiments/run.py`` can continue the
-same MLflow run when it resumes from the checkpoint (:func:`saved_mlflow_run_id`).
+It also records the run id of every ``MLFlowLogger`` of the trainer, so the launcher (``mmembed.launch.tasks``) can
+continue the same MLflow run when it resumes from the checkpoint (:func:`saved_mlflow_run_id`).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class ResumeState(L.Callback):
 
     @property
     def state_key(self) -> str:
-        return STATE_KEY  # one instance per trainer; a stable key lets run.py find it in the checkpoint
+        return STATE_KEY  # one instance per trainer; a stable key lets the launcher find it in the checkpoint
 
     def state_dict(self) -> dict[str, Any]:
         from lightning.pytorch.loggers import MLFlowLogger

@@ -348,7 +348,7 @@ class ContrastiveDataModule(L.LightningDataModule):
                 self.num_val_batches = max(1, self.val_samples_per_epoch // (self.world_size * self.batch_size))
         if self.input_builder is None:
             raise ValueError("ContrastiveDataModule needs input_builder=backbone.input_builder (the processor and "
-                             "tiling that match the backbone); experiments/run.py passes it")
+                             "tiling that match the backbone); the launcher (mmembed.launch.tasks.fit) passes it")
         self._configured = True
 
     def _resolve_mixture(self) -> dict[str, float] | None:

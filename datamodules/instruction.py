@@ -362,7 +362,7 @@ class InstructionDataModule(L.LightningDataModule):
             return
         if self.processor is None:
             raise ValueError("InstructionDataModule needs input_builder=backbone.input_builder (the processor that "
-                             "matches the backbone's compression); experiments/run.py passes it")
+                             "matches the backbone's compression); the launcher (mmembed.launch.tasks.fit) passes it")
         self.train_dataset = self._dataset(self.data_path, self.image_root, "instruct")
         if len(self.train_dataset) < self.world_size * self.batch_size:
             raise ValueError(f"{self.data_path}: {len(self.train_dataset)} records cannot fill one batch of "

@@ -61,7 +61,7 @@ def get_or_create_sweep_parent(
     """Run id of the parent run of a sweep, keyed by its (absolute) sweep folder; created on first call.
 
     Every job of a Hydra multirun calls this with the same ``hydra.sweep.dir`` and gets the same parent. With a
-    parallel launcher, create it once before the jobs start (:func:`start_sweep`; ``experiments/run.py`` does so
+    parallel launcher, create it once before the jobs start (:func:`start_sweep`; ``mmembed.launch.sweep`` does so
     from a Hydra callback), else two jobs racing on an empty store could create two parents.
 
     Args:
