@@ -218,7 +218,7 @@ class BenchmarkEvalCallback(L.Callback):
                 values.update(result.flat(prefix))
                 self.results.append(result)
                 self._upload(trainer, result, f"eval/step{step:07d}-{when}/{self.benchmark}{sub}")
-                rank_zero_info(f"[{self.benchmark}{sub}] step {step} ({when}): overall {result.overall:.2f}")
+                rank_zero_info(f"[{self.benchmark}{sub}] step {step} ({when}): {result.overall_line()}")
         values = trainer.strategy.broadcast(values, src=0)  # the other ranks wait here for rank 0
         self.publish(trainer, values, step)
         self.history.append({"when": when, "step": step, "epoch": epoch, "metrics": values})

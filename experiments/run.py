@@ -192,8 +192,10 @@ def ensure_synthetic_world(cfg: DictConfig) -> None:
     with FileLock(str(root) + ".lock"):  # concurrent runs (parallel sweeps) generate it once
         if (root / "manifest.json").is_file():
             return
-        print(f"generating the synthetic world ({cfg.synth.size}, seed {cfg.synth.seed}) into {root} ...")
-        generate(root, seed=cfg.synth.seed, size=cfg.synth.size, overwrite=True)
+        rate = float(cfg.synth.get("false_negative_rate", 0.0))
+        print(f"generating the synthetic world ({cfg.synth.size}, seed {cfg.synth.seed}, false-negative rate {rate}) "
+              f"into {root} ...")
+        generate(root, seed=cfg.synth.seed, size=cfg.synth.size, overwrite=True, false_negative_rate=rate)
 
 
 def _in_sweep() -> bool:
@@ -352,7 +354,7 @@ def mine(cfg: DictConfig, checkpoint: str | None = None) -> Path:
     summary = mine_hard_negatives(embedder, m.shards, m.out_dir, strategy=m.strategy, window=tuple(m.window),
                                   n=m.window_samples, k=m.rule_top_k, seed=cfg.seed, batch_size=m.batch_size)
     print(f"mined shards in {m.out_dir}/shards: {summary.queries} queries, {summary.queries_per_s} queries/s "
-          f"(details: {m.out_dir}/summary.json)")
+          f"(details: {m.out_dir}/summary.json); {summary.false_negative_line()}")
     return Path(m.out_dir) / "shards"
 
 

@@ -34,7 +34,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="generate the synthetic world (shards, eval sets, stage-1 data)")
     p.add_argument("--out", required=True, help="output folder (empty, or a previous world with --overwrite)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", choices=("ci", "small", "full"), default="small")
+    p.add_argument("--size", choices=("ci", "small", "repro", "full"), default="small",
+                   help="repro: small's training data, 256 queries per MMEB subset and VisDoc set")
+    p.add_argument("--false-negative-rate", type=float, default=None,
+                   help="share of training examples given a planted false negative (default: the world's default; "
+                        "0 = the world of earlier releases)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (output does not depend on it)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous synthetic world in --out")
 
@@ -144,12 +148,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mmembed.data.synth import generate
 
             start = time.perf_counter()
-            manifest = generate(args.out, args.seed, args.size, workers=args.workers, overwrite=args.overwrite)
+            from mmembed.data.synth.world import DEFAULT_FALSE_NEGATIVE_RATE
+
+            rate = DEFAULT_FALSE_NEGATIVE_RATE if args.false_negative_rate is None else args.false_negative_rate
+            manifest = generate(args.out, args.seed, args.size, workers=args.workers, overwrite=args.overwrite,
+                                false_negative_rate=rate)
             t = manifest["totals"]
             console.print(f"wrote {t['train_samples']} training samples in {t['train_shards']} shards, "
                           f"{sum(t['mmeb_queries_by_meta_task'].values())} MMEB eval queries, "
                           f"{len(manifest['eval']['visdoc'])} VisDoc sets, {manifest['instruct']['conversations']} "
-                          f"stage-1 conversations to {args.out} in {time.perf_counter() - start:.1f}s")
+                          f"stage-1 conversations to {args.out} in {time.perf_counter() - start:.1f}s; "
+                          f"{t['planted_false_negatives']} planted false negatives (rate {rate}), "
+                          f"{t['queries_with_false_negatives']} training queries with a false negative in the corpus")
         elif args.command == "convert":
             for report in _convert(args):
                 console.print(str(report))

@@ -94,7 +94,8 @@ def result_table(result: BenchmarkResult) -> Table:
     splits = result.splits if set(result.splits) != set(result.groups) else {}
     for split, value in splits.items():
         table.add_row(f"[b]{split.upper()}[/b]", "", "", "", "", f"{value:.1f}")
-    table.add_row("[b]overall[/b]", "", "", "", "", f"[b]{result.overall:.1f}[/b]")
+    table.add_row("[b]overall[/b]", "", "", "", "", f"[b]{result.overall:.1f} ± {result.overall_stderr:.1f}[/b]")
+    table.caption = f"{result.overall_line()}; ± is the standard error over queries (binomial for P@1)"
     return table
 
 
