@@ -466,6 +466,9 @@ def test_report_from_a_real_two_point_two_seed_sweep(tmp_path):
     for row in rows.values():  # mean ± std over the two seeds beside the paper's value, for MMEB, VisDoc, Avg.
         assert row.count("(n=2)") == 3 and "| 62.9 |" in row
     assert "Failed or unfinished runs: none." in md
+    # The commands section lists the sweep's own command line, as its runs recorded it.
+    assert f"  python {ROOT / 'experiments' / 'run.py'} -m +exp=ablation_lora_r8,ablation_lora_r16 seed=0,1 " in md
+    assert "recorded no command" not in md
 
 
 @pytest.mark.slow
