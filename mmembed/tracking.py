@@ -29,8 +29,10 @@ import json
 import math
 import os
 import re
+import shlex
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -58,6 +60,7 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 HOST_TAG = "mmembed.host"
 PID_TAG = "mmembed.pid"
+COMMAND_TAG = "mmembed.command"  # the command line that started the run (mmembed-report lists it)
 PID_START_TAG = "mmembed.pid_start"  # the process start time (/proc), so a reused pid is not taken for the run's
 END_REASON_TAG = "mmembed.end_reason"
 RESUMED_TAG = "mmembed.resumed"
@@ -182,10 +185,18 @@ def _proc_stat(pid: int) -> tuple[str, str] | None:
     return (fields[0], fields[19]) if len(fields) > 19 else None
 
 
+def command_line() -> str:
+    """This process's command line as it can be typed again (``python experiments/run.py +exp=x seed=0``)."""
+    argv = list(sys.argv)
+    return shlex.join((["python"] if argv and argv[0].endswith(".py") else []) + argv)[:5000]
+
+
 def process_tags() -> dict[str, str]:
-    """Tags naming this process (host, pid, start time), by which :func:`mark_stale_runs` tells a dead run."""
+    """Tags naming this process (host, pid, start time), by which :func:`mark_stale_runs` tells a dead run, and its
+    command line (:data:`COMMAND_TAG`)."""
     stat = _proc_stat(os.getpid())
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PID_START_TAG: stat[1] if stat else ""}
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PID_START_TAG: stat[1] if stat else "",
+            COMMAND_TAG: command_line()}
 
 
 def process_alive(pid: int, start: str | None = None) -> bool:
@@ -939,7 +950,8 @@ def start_pipeline_run(experiment_name: str, run_name: str, tracking_uri: str | 
     client = _client(uri)
     location = default_artifact_location(output_dir, experiment_name) if is_local_store(uri) else None
     exp_id = get_or_create_experiment(client, experiment_name, location)
-    run_tags = {PIPELINE_TAG: "true", MLFLOW_RUN_NAME: run_name, **{str(k): str(v) for k, v in (tags or {}).items()}}
+    run_tags = {PIPELINE_TAG: "true", MLFLOW_RUN_NAME: run_name, COMMAND_TAG: command_line(),
+                **{str(k): str(v) for k, v in (tags or {}).items()}}
     commit = git_commit()
     if commit:
         run_tags[GIT_COMMIT_TAG] = commit

@@ -143,7 +143,8 @@ def claims_lines(section: Section, store: Store, extra: Sequence[str] = ()) -> l
     claims = section.claims
     if not claims:
         return ["No claim could be checked (missing points)."]
-    lines = ["Claims (A − B > 2·SE ⇒ *holds beyond noise*; see *How to read this report*):", "",
+    lines = ["Claims (verdict = the paired-by-seed t test, with the paired query bootstrap where eval files exist; "
+             "Welch's unpaired test beside it; see *How to read this report*):", "",
              markdown_table(pd.DataFrame([c.row() for c in claims]))]
     return lines + list(extra)
 
@@ -162,8 +163,11 @@ def run_lines(section: Section, parents: Sequence[Any], records: Sequence[RunRec
             "from the parent's start to its end.", ""]
 
 
-def image_ref(path: Path, out: Path) -> str:
-    return Path(os.path.relpath(path, out.parent)).as_posix()
+def image_ref(path: Path, out: Path | None) -> str:
+    """``path`` relative to the report's folder; absolute when the report goes to stdout (``out`` None)."""
+    if out is None:
+        return path.resolve().as_posix()
+    return Path(os.path.relpath(path.resolve(), out.resolve().parent)).as_posix()
 
 
 def not_run(table: str, why: str) -> Section:
@@ -220,7 +224,7 @@ def _number_key(records: Sequence[RunRecord], table: str, param: str) -> dict[in
     return dict(sorted(out.items()))
 
 
-def table8(store: Store, out: Path, img_dir: Path, pinned: Sequence[str] | None = None) -> Section:
+def table8(store: Store, out: Path | None, img_dir: Path, pinned: Sequence[str] | None = None) -> Section:
     """Table 8: judge-curated vs rule-based hard negatives, n = 0 (shared) ... 20, on MMEB / VisDoc / Avg."""
     import pandas as pd
 
@@ -305,7 +309,7 @@ def _peak_lines(cells: dict[int, dict[str, Cell]], ns: Sequence[int]) -> list[st
     return [text, ""]
 
 
-def table9(store: Store, out: Path, img_dir: Path, pinned: Sequence[str] | None = None) -> Section:
+def table9(store: Store, out: Path | None, img_dir: Path, pinned: Sequence[str] | None = None) -> Section:
     """Table 9: compression factor 1 (vanilla) vs 2: training time, peak memory, MMEB / VisDoc."""
     import pandas as pd
 
@@ -344,26 +348,26 @@ def table9(store: Store, out: Path, img_dir: Path, pinned: Sequence[str] | None 
         Comparison("s=2 about as good as s=1", "MMEB", c[2]["mmeb"], c[1]["mmeb"], not_worse=True),
         Comparison("s=2 about as good as s=1", "VisDoc", c[2]["visdoc"], c[1]["visdoc"], not_worse=True),
     ]
-    section.body += claims_lines(section, store, ["", "For the quality rows the claim is \"not worse\": it holds when "
-                                                  "s=2 scores at least as high, holds within noise when it is lower by"
-                                                  " less than 2·SE, and does not hold otherwise."])
+    section.body += claims_lines(section, store, ["", "For the quality rows the claim is \"about as good\": a tie "
+                                                  "counts as the right sign, and only *contradicted beyond noise* "
+                                                  "refutes it (within noise either way is consistent with it)."])
     path = img_dir / "repro_table9.png"
     cats = [f"s={s}" for s in factors]
-    panels = [Panel("MMEB", [Series("ours", [c[s]["mmeb"] for s in factors]),
-                             Series("paper", paper=[paper.TABLE9.get(s, {}).get("mmeb") for s in factors])]),
-              Panel("VisDoc", [Series("ours", [c[s]["visdoc"] for s in factors]),
-                               Series("paper", paper=[paper.TABLE9.get(s, {}).get("visdoc") for s in factors])]),
-              Panel("training time", [Series("ours", [c[s]["time"] for s in factors]),
-                                      Series("paper", paper=[(paper.TABLE9[s]["train_s"] / 3600 if s in paper.TABLE9
-                                                              else None) for s in factors])], ylabel="seconds "
-                    "(paper: hours)"),
-              Panel("peak memory", [Series("ours", [c[s]["mem"] for s in factors])], ylabel="GiB")]
+    panels = [Panel("MMEB", [Series("s", [c[s]["mmeb"] for s in factors]),
+                             Series("s", paper=[paper.TABLE9.get(s, {}).get("mmeb") for s in factors])]),
+              Panel("VisDoc", [Series("s", [c[s]["visdoc"] for s in factors]),
+                               Series("s", paper=[paper.TABLE9.get(s, {}).get("visdoc") for s in factors])]),
+              Panel("training time", [Series("s", [c[s]["time"] for s in factors]),
+                                      Series("s", paper=[(paper.TABLE9[s]["train_s"] / 3600 if s in paper.TABLE9
+                                                          else None) for s in factors])], ylabel="seconds",
+                    paper_ylabel="hours"),
+              Panel("peak memory", [Series("s", [c[s]["mem"] for s in factors])], ylabel="GiB above the fit's start")]
     plot_panels(path, cats, panels, TITLES["9"], xlabel="compression factor")
     section.body += ["", f"![Table 9]({image_ref(path, out)})"]
     return section
 
 
-def table10(store: Store, out: Path, img_dir: Path, pinned: Sequence[str] | None = None) -> Section:
+def table10(store: Store, out: Path | None, img_dir: Path, pinned: Sequence[str] | None = None) -> Section:
     """Table 10: LoRA rank 8 / 16 / 32 on MMEB / VisDoc / Avg."""
     import pandas as pd
 
@@ -392,8 +396,8 @@ def table10(store: Store, out: Path, img_dir: Path, pinned: Sequence[str] | None
     extra = [f"Ours is best on Avg. at **r = {_or(tops)}** (paper: r = {best})."] if tops else []
     section.body += claims_lines(section, store, ["", *extra])
     path = img_dir / "repro_table10.png"
-    panels = [Panel(NAMES[m], [Series("ours", [c[r][m] for r in ranks]),
-                               Series("paper", paper=[paper.TABLE10.get(r, {}).get(m) for r in ranks])])
+    panels = [Panel(NAMES[m], [Series("r", [c[r][m] for r in ranks]),
+                               Series("r", paper=[paper.TABLE10.get(r, {}).get(m) for r in ranks])])
               for m in ("mmeb", "visdoc", "avg")]
     plot_panels(path, [str(r) for r in ranks], panels, TITLES["10"], xlabel="LoRA rank")
     section.body += ["", f"![Table 10]({image_ref(path, out)})"]
@@ -401,7 +405,7 @@ def table10(store: Store, out: Path, img_dir: Path, pinned: Sequence[str] | None
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
-def table7(store: Store, out: Path, img_dir: Path, pinned: Sequence[str] | None = None,
+def table7(store: Store, out: Path | None, img_dir: Path, pinned: Sequence[str] | None = None,
            experiment: str | None = "pipeline") -> Section:
     """Table 7: the cumulative pipeline steps (warm-up, + HNM, + judge FT, + reranker) over pipeline runs (seeds)."""
     import pandas as pd
@@ -466,8 +470,8 @@ def table7(store: Store, out: Path, img_dir: Path, pinned: Sequence[str] | None 
     path = img_dir / "repro_table7.png"
     shown = [k for k in paper_keys if k in by_key]
     if shown:
-        panels = [Panel(NAMES[m], [Series("ours", [by_key[k][m] for k in shown]),
-                                   Series("paper", paper=[paper.TABLE7[k][m] for k in shown])])
+        panels = [Panel(NAMES[m], [Series("step", [by_key[k][m] for k in shown]),
+                                   Series("step", paper=[paper.TABLE7[k][m] for k in shown])])
                   for m in ("mmeb", "visdoc")]
         plot_panels(path, [SHORT_STEP_NAMES[k] for k in shown], panels, TITLES["7"])
         section.body += ["", f"![Table 7]({image_ref(path, out)})"]
