@@ -121,3 +121,17 @@ def test_cli_builds_a_truncated_binary_index_and_searches_it(shard_dir, tmp_path
     with pytest.raises(SystemExit, match="use --kind flat"):
         main(["build", "--model", "tiny", "--corpus", str(shard_dir), "--out", str(tmp_path / "y"),
               "--precision", "int8", "--kind", "ivf"])
+
+
+def test_benchmark_table_smoke(capsys):
+    from benchmarks import bench_index_quant
+
+    rows = bench_index_quant.main(["--n", "600", "--dim", "32", "--clusters", "20", "--queries", "20",
+                                   "--dims", "8,16"])["vectors"]
+    cells = {(r["dim"], r["precision"], r["rescore"]): r for r in rows}
+    assert set(cells) == {(d, p, r) for d in (8, 16, 32) for p, r in
+                          (("float32", 0), ("int8", 4), ("binary", 4), ("binary", 0))}
+    assert cells[32, "float32", 0]["recall_full"] == 1.0 and cells[16, "float32", 0]["recall_same_dim"] == 1.0
+    assert [cells[d, p, r]["bytes"] for d, p, r in ((32, "float32", 0), (32, "int8", 4), (16, "binary", 0))] == \
+        [128, 32, 2]
+    assert "recall@k vs full" in capsys.readouterr().out
