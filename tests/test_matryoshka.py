@@ -74,21 +74,41 @@ def test_embedder_truncate_dim(tiny_embedder, images):
         tiny_embedder.encode("x", truncate_dim=65)
 
 
-def test_contrastive_module_trains_and_logs_each_dimension():
+def _fit(module, batch, steps: int):
     import lightning as L
     from torch.utils.data import DataLoader
 
+    start = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module, DataLoader([batch] * steps, batch_size=None))
+    return {n: p.detach() - start[n] for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _module(dtype=None, **kw):
     from mmembed.backbone import build_backbone
     from mmembed.modules import ContrastiveModule
 
+    bb = build_backbone("tiny", vtc_factor=2, seed=0, finetune={"mode": "lora", "lora_r": 4, "lora_dropout": 0.0},
+                        dtype=dtype)
+    return ContrastiveModule(bb, loss=InfoNCELoss(temperature=0.05, matryoshka_dims=[16, 32]), **kw)
+
+
+def test_contrastive_module_trains_and_logs_each_dimension():
     from .scripts.ddp_contrastive import make_batch
 
-    bb = build_backbone("tiny", vtc_factor=2, seed=0, finetune={"mode": "lora", "lora_r": 4, "lora_dropout": 0.0})
-    loss = InfoNCELoss(temperature=0.05, matryoshka_dims=[16, 32])
-    module = ContrastiveModule(bb, loss=loss, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
-    batch = make_batch([0, 1, 2, 3])
-    L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False).fit(module, DataLoader([batch] * 2, batch_size=None))
+    module = _module(optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    _fit(module, make_batch([0, 1]), 1)
     metrics = module.trainer.callback_metrics
     assert {"train/loss_dim16", "train/loss_dim32"} <= set(metrics)
     assert metrics["train/loss"] > metrics["train/loss_dim16"] > 0  # the total holds every dimension's term
+
+
+def test_matryoshka_loss_under_gradcache_gives_the_plain_step():
+    from .scripts.ddp_contrastive import make_batch
+
+    batch = make_batch([0, 1, 2, 3])
+    sgd = lambda p: torch.optim.SGD(p, lr=1.0)  # noqa: E731
+    plain = _fit(_module(torch.float64, optimizer=sgd, gradient_clip_val=None), batch, 1)
+    cached = _fit(_module(torch.float64, optimizer=sgd, gradcache_chunk_size=2, gradient_clip_val=None), batch, 1)
+    assert max((plain[k] - cached[k]).abs().max().item() for k in plain) < 1e-6
+    assert max(v.abs().max().item() for v in plain.values()) > 1e-4
