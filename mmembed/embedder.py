@@ -15,6 +15,7 @@ from rich.progress import track
 
 from mmembed.backbone.inputs import InputBuilder, TilePolicy
 from mmembed.backbone.model import MMEMBED_CONFIG, VTCBackbone, build_backbone
+from mmembed.matryoshka import check_truncate_dim, truncate_embeddings
 from mmembed.types import EncodeInput, Item, Role, as_item
 
 Precision = Literal["float32", "bfloat16", "float16"]
@@ -95,6 +96,7 @@ class Embedder:
         precision: Precision | None = None,
         sort_by_length: bool = True,
         show_progress: bool | None = None,
+        truncate_dim: int | None = None,
     ) -> torch.Tensor | np.ndarray:
         """Embed inputs, the way sentence-transformers' ``encode`` is called.
 
@@ -115,9 +117,12 @@ class Embedder:
                 default: the weights' dtype. The output is float32 either way.
             sort_by_length: Batch by token count (default); ``False`` batches in input order (for comparison).
             show_progress: Deprecated alias of ``show_progress_bar``.
+            truncate_dim: Keep only the first ``truncate_dim`` coordinates (Matryoshka), L2-normalised again after
+                the cut when ``normalize_embeddings`` (so cosine = inner product still holds); ``None`` (default)
+                keeps all ``embed_dim``. It suits models trained with ``InfoNCELoss(matryoshka_dims=...)``.
 
         Returns:
-            (N, D) float32 embeddings on the CPU, or (D,) for a single (non-list) input.
+            (N, D) float32 embeddings on the CPU (D = ``truncate_dim`` if given), or (D,) for a single input.
 
         Raises:
             TypeError: An input of an unsupported type. ValueError: an empty item, a bad role or precision.
@@ -127,6 +132,8 @@ class Embedder:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         autocast_dtype = _autocast_dtype(precision)
+        if truncate_dim is not None:
+            check_truncate_dim(truncate_dim, self.embed_dim)
         single = not isinstance(inputs, list | tuple)
         items = [as_item(x, i) for i, x in enumerate([inputs] if single else inputs)]
         for i, it in enumerate(items):
@@ -155,6 +162,8 @@ class Embedder:
                     out[idx] = emb.float().cpu()
             finally:
                 self.module.train(was_training)
+        # Cutting the normalised rows and normalising again gives the same direction as cutting the raw hidden state.
+        out = truncate_embeddings(out, truncate_dim, normalize=normalize_embeddings)
         if single:
             out = out[0]
         return out.numpy() if convert_to_numpy and not convert_to_tensor else out

@@ -73,7 +73,7 @@ def test_parse_valid_requests_into_items():
     ({"input": [[1, 2, 3]]}, 400, "invalid_request", "token-id inputs are not supported"),
     ({"input": "x", "role": "document"}, 400, "invalid_request", "role must be 'query' or 'candidate'"),
     ({"input": "x", "encoding_format": "int8"}, 400, "invalid_request", "encoding_format must be"),
-    ({"input": "x", "dimensions": 32}, 400, "invalid_request", "returns 64-d embeddings and does not truncate"),
+    ({"input": "x", "dimensions": 65}, 400, "invalid_request", "dimensions=65: give an integer from 1 to 64"),
     ({"input": "x" * 20_001}, 413, "text_too_long", "input[0] has 20001 characters"),
     (["not", "an", "object"], 400, "invalid_request", "must be a JSON object"),
 ])

@@ -7,7 +7,11 @@ Examples::
     mmembed-serve --model out/stage3/model --reranker out/reranker/reranker    # adds /v1/rerank
 
     curl -s 127.0.0.1:8000/v1/embeddings -H 'content-type: application/json' \\
-        -d '{"model": "m", "input": ["a red circle"], "role": "query"}'
+        -d '{"model": "m", "input": ["a red circle"], "role": "query", "dimensions": 32}'
+
+The official ``openai`` client works unchanged (docs/serving.md): a ``data:image/...;base64,`` string is an image,
+image+text inputs go in ``extra_body={"input": [{"text": ..., "image": ...}]}``, ``dimensions`` truncates
+(Matryoshka).
 
 Safe by default: binds 127.0.0.1, caps the body size, inputs per request and image pixels, and answers bad input
 with a 4xx JSON error while it keeps serving.

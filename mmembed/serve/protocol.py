@@ -5,10 +5,11 @@
     {"model": "mmembed",                      # echoed back
      "input": "text" | ["text", ...] | [{"text": ..., "image": <base64 | data URL>, "instruction": ...,
                                           "kind": "natural" | "document"}, ...],
+                                              # a string that is a data:image/...;base64, URL is an image
      "role": "query" | "candidate",           # which template (default "query")
      "instruction": "...",                    # default instruction for inputs without their own
      "encoding_format": "float" | "base64",   # base64 = little-endian float32, as OpenAI clients decode it
-     "dimensions": D,                         # optional; must equal the model's dimension (no truncation)
+     "dimensions": D,                         # optional; 1..model dim: the first D coordinates, re-normalised
      "user": "..."}                           # accepted and ignored
 
 and answers ``{"object": "list", "data": [{"object": "embedding", "index": i, "embedding": [...]}], "model": ...,
@@ -81,6 +82,7 @@ class EmbeddingJob:
     encoding_format: str = "float"
     tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    dimensions: int | None = None
 
 
 @dataclass
@@ -150,7 +152,10 @@ def parse_item(value: Any, param: str, limits: Limits, instruction: str | None =
 
 
 def _item(value: Any, param: str, limits: Limits, instruction: str | None) -> Item:
-    if isinstance(value, str):
+    if isinstance(value, str) and _DATA_URL.match(value):
+        # The typed OpenAI client sends strings only: an image data URL there is an image, not text to embed.
+        item = Item(image=decode_image(value, param, limits), instruction=instruction)
+    elif isinstance(value, str):
         item = Item(text=_text(value, param, limits), instruction=instruction)
     elif isinstance(value, Mapping):
         _check_fields(value, ITEM_FIELDS, param)
@@ -198,15 +203,17 @@ def parse_embedding_request(payload: Any, limits: Limits, embed_dim: int | None 
     if fmt not in ("float", "base64"):
         raise RequestError(400, f"encoding_format must be 'float' or 'base64', got {fmt!r}", param="encoding_format")
     dims = payload.get("dimensions")
-    if dims is not None and embed_dim is not None and dims != embed_dim:
-        raise RequestError(400, f"dimensions={dims!r}: this model returns {embed_dim}-d embeddings and does not "
-                                "truncate; omit the field", param="dimensions")
+    if dims is not None:
+        upper = embed_dim if embed_dim is not None else dims
+        if isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= upper:
+            raise RequestError(400, f"dimensions={dims!r}: give an integer from 1 to {upper} (the model's "
+                                    "dimension); embeddings are cut to it and re-normalised", param="dimensions")
     model = payload.get("model", "mmembed")
     if not isinstance(model, str):
         raise RequestError(400, "model must be a string", param="model")
     instruction = _text(payload.get("instruction"), "instruction", limits)
     items = [parse_item(v, f"input[{i}]", limits, instruction) for i, v in enumerate(inputs)]
-    return EmbeddingJob(items=items, role=role, model=model, encoding_format=fmt)
+    return EmbeddingJob(items=items, role=role, model=model, encoding_format=fmt, dimensions=dims)
 
 
 def parse_rerank_request(payload: Any, limits: Limits) -> RerankJob:

@@ -20,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import pickle
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -33,6 +35,7 @@ from fastapi.responses import JSONResponse
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 
+from mmembed.matryoshka import truncate_embeddings
 from mmembed.serve.protocol import (
     EmbeddingJob,
     Limits,
@@ -206,7 +209,9 @@ class EmbeddingAPI(ls.LitAPI):
             start = 0
             for j in idx:
                 n = len(jobs[j].items)
-                out[j] = {"embeddings": vecs[start : start + n].tolist(), "tokens": int(sum(lengths[start:start + n]))}
+                # Matryoshka: each request's own "dimensions" (the batch may mix them), cut after encoding.
+                part = truncate_embeddings(vecs[start : start + n], jobs[j].dimensions)
+                out[j] = {"embeddings": part.tolist(), "tokens": int(sum(lengths[start:start + n]))}
                 start += n
         return out
 
@@ -290,10 +295,21 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, log_level: s
     if host not in LOOPBACK:
         log.warning("binding %s: the server has no authentication; put it behind a proxy that has", host)
     server = build_server(model, **kwargs)
+    main_pid = os.getpid()
 
-    def _stop(signum, frame):  # SIGTERM -> the graceful path LitServe takes on Ctrl-C (workers are stopped too)
+    def _stop(signum, frame):
+        # SIGTERM -> the graceful path LitServe takes on Ctrl-C (it stops its workers too). The HTTP and model
+        # workers are forked and inherit this handler; uvicorn re-raises the SIGTERM it caught after its own clean
+        # shutdown, so in a worker a quiet exit is right (a KeyboardInterrupt there printed a traceback).
+        if os.getpid() != main_pid:
+            raise SystemExit(0)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
+    shown = "127.0.0.1" if host == "localhost" else host
+    url = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}"
+    print(f"mmembed-serve: {model} ({server.model_metadata['embed_dim']}-d embeddings) on {url} -- POST "
+          f"{url}/v1/embeddings, GET {url}/health (ready once the model has loaded); SIGTERM or Ctrl-C stops it",
+          file=sys.stderr, flush=True)
     server.run(host="127.0.0.1" if host == "localhost" else host, port=port, generate_client_file=False,
                num_api_servers=1, log_level=log_level)
