@@ -1,0 +1,157 @@
+"""The kit's embedder as an mteb v2 encoder (``AbsEncoder``), with the paper's per-task instructions.
+
+    import mteb
+    from mmembed.integrations.mteb_encoder import MMEmbedEncoder
+
+    model = MMEmbedEncoder("out/embedder")            # an exported folder (or a preset, or an Embedder)
+    tasks = mteb.get_tasks(tasks=["VidoreDocVQARetrieval"])
+    mteb.evaluate(model, tasks, cache=None)
+
+Instructions, per call (``task_metadata``, ``prompt_type``), first match wins:
+
+1. ``instructions={task name: (query instruction, document instruction)}`` given to the constructor;
+2. ViDoRe-style visual-document tasks (mteb type ``DocumentUnderstanding``, or a name starting ``Vidore``): the
+   paper's T->VD pair (Table 11, the one ``mmembed-eval visdoc`` uses), and document images get the document tiling;
+3. otherwise: queries take the task's own mteb prompt (``AbsEncoder.get_instruction``); documents take the paper's
+   target instruction for what they contain ("Represent the given image." / "... text." / "... image with related
+   text information.").
+
+``encode`` returns float32 L2-normalised numpy rows (mteb scores them with cosine similarity). Requires the
+``mteb`` extra.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from mteb.models.abs_encoder import AbsEncoder
+from mteb.models.model_meta import ModelMeta, ScoringFunction
+from mteb.types import PromptType
+
+from mmembed.data.evalsets import VISDOC_QUERY_INSTRUCTION, VISDOC_TARGET_INSTRUCTION
+from mmembed.embedder import Embedder
+from mmembed.types import Item
+
+if TYPE_CHECKING:
+    from mteb.abstasks.task_metadata import TaskMetadata
+    from torch.utils.data import DataLoader
+
+#: The paper's target instructions (Table 11) by what a document holds.
+DOCUMENT_INSTRUCTIONS = {
+    "image": "Represent the given image.",
+    "text": "Represent the given text.",
+    "image+text": "Represent the given image with related text information.",
+}
+
+
+def is_visual_document_task(task_metadata: TaskMetadata) -> bool:
+    """ViDoRe-style page retrieval: mteb's ``DocumentUnderstanding`` type or a ``Vidore*`` task name."""
+    return task_metadata.type == "DocumentUnderstanding" or task_metadata.name.lower().startswith("vidore")
+
+
+class MMEmbedEncoder(AbsEncoder):
+    """An mteb ``EncoderProtocol`` over :class:`mmembed.Embedder` (see the module docstring for instructions).
+
+    Args:
+        model: An ``Embedder``, or a preset name / local folder for ``Embedder.from_pretrained``.
+        instructions: ``{mteb task name: (query instruction | None, document instruction | None)}`` overrides.
+        batch_size: Default encoding batch size (mteb's ``encode_kwargs["batch_size"]`` wins).
+        name: The name mteb records in its results (default: the folder or preset name).
+        **from_pretrained: Passed to ``Embedder.from_pretrained`` (``vtc_factor``, ``device``, ...).
+    """
+
+    def __init__(self, model: Embedder | str | Path,
+                 instructions: dict[str, tuple[str | None, str | None]] | None = None, batch_size: int = 16,
+                 name: str | None = None, **from_pretrained: Any) -> None:
+        self.model = model if isinstance(model, Embedder) else Embedder.from_pretrained(model, **from_pretrained)
+        self.instructions = dict(instructions or {})
+        self.batch_size = batch_size
+        label = name or (Path(model).name if not isinstance(model, Embedder) else "embedder")
+        n_params = sum(p.numel() for p in self.model.module.parameters())
+        self.mteb_model_meta = ModelMeta(
+            loader=None, name=f"mmembed/{label}", revision=None, release_date=None, languages=None,
+            n_parameters=n_params, memory_usage_mb=None, max_tokens=None, embed_dim=self.model.embed_dim,
+            license=None, open_weights=True, public_training_code=None, public_training_data=None,
+            framework=["PyTorch"], similarity_fn_name=ScoringFunction.COSINE, use_instructions=True,
+            training_datasets=None, modalities=["text", "image"],
+        )
+
+    def instruction_for(self, task_metadata: TaskMetadata, prompt_type: PromptType | None, holds: str) -> str | None:
+        """The instruction for one side of a task (rules in the module docstring); ``holds``: text / image / both."""
+        is_document = prompt_type == PromptType.document
+        if task_metadata.name in self.instructions:
+            return self.instructions[task_metadata.name][1 if is_document else 0]
+        if is_visual_document_task(task_metadata):
+            return VISDOC_TARGET_INSTRUCTION if is_document else VISDOC_QUERY_INSTRUCTION
+        if is_document:
+            return DOCUMENT_INSTRUCTIONS[holds]
+        return self.get_instruction(task_metadata, prompt_type) or None
+
+    def encode(self, inputs: DataLoader, *, task_metadata: TaskMetadata, hf_split: str, hf_subset: str,
+               prompt_type: PromptType | None = None, **kwargs: Any) -> np.ndarray:
+        """Embed mteb's batches (``text`` and / or ``image`` columns) with the query or candidate template."""
+        texts: list[str | None] = []
+        images: list[Any] = []
+        for batch in inputs:
+            n = len(batch["text"] if "text" in batch else batch["image"])
+            texts.extend(batch["text"] if "text" in batch else [None] * n)
+            images.extend(batch["image"] if "image" in batch else [None] * n)
+        has_text, has_image = any(t for t in texts), any(i is not None for i in images)
+        holds = "image+text" if has_text and has_image else "image" if has_image else "text"
+        instruction = self.instruction_for(task_metadata, prompt_type, holds)
+        is_document = prompt_type == PromptType.document
+        kind = "document" if is_document and is_visual_document_task(task_metadata) else "natural"
+        items = [Item(text=t or None, image=i, instruction=instruction, kind=kind) for t, i in zip(texts, images)]
+        out = self.model.encode(items, role="candidate" if is_document else "query",
+                                batch_size=kwargs.get("batch_size", self.batch_size),
+                                show_progress_bar=kwargs.get("show_progress_bar", False))
+        return out.numpy()
+
+
+def beir_retrieval_task(folder: str | Path, name: str | None = None, *, visual_documents: bool = True) -> Any:
+    """A local BEIR-layout page-retrieval set (``queries``, ``corpus`` with page images, ``qrels``) as an mteb task.
+
+    The set is read with the kit's own reader (``mmembed.data.evalsets.read_beir_visdoc``: same ids, same queries
+    kept, same page images), so mteb's retrieval evaluation and ``mmembed-eval visdoc`` see the same data. The task
+    is typed like mteb's ViDoRe tasks (``DocumentUnderstanding``, main score ``ndcg_at_5``) unless
+    ``visual_documents=False``.
+
+    Args:
+        folder: A BEIR set folder (e.g. ``<synthetic world>/eval/visdoc/synth_vidore``).
+        name: Task name (default ``Local<folder name>``).
+        visual_documents: Type the task as visual-document retrieval (the paper's T->VD instructions apply).
+
+    Returns:
+        An ``mteb.abstasks.retrieval.AbsTaskRetrieval`` instance, ready for ``mteb.evaluate``.
+    """
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
+    from mteb.abstasks.task_metadata import TaskMetadata
+
+    from mmembed.data.evalsets import read_beir_visdoc
+
+    folder = Path(folder)
+    metadata = TaskMetadata(
+        name=name or f"Local{folder.name}", description=f"Local BEIR page retrieval set {folder}",
+        dataset={"path": str(folder), "revision": "local"},
+        type="DocumentUnderstanding" if visual_documents else "Any2AnyRetrieval", category="t2i",
+        eval_splits=["test"], eval_langs=["eng-Latn"], main_score="ndcg_at_5", modalities=["text", "image"],
+    )
+
+    class LocalBeirRetrieval(AbsTaskRetrieval):
+        def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+            if self.data_loaded:
+                return
+            data = read_beir_visdoc(folder)
+            queries = Dataset.from_dict({"id": data.query_ids, "text": [q.text for q in data.queries]})
+            corpus = Dataset.from_dict({"id": data.corpus_ids, "image": [str(c.image) for c in data.corpus]})
+            self.queries = {"test": queries}
+            self.corpus = {"test": corpus.cast_column("image", ImageFeature())}
+            self.relevant_docs = {"test": data.qrels}
+            self.data_loaded = True
+
+    LocalBeirRetrieval.metadata = metadata
+    return LocalBeirRetrieval()
