@@ -31,6 +31,18 @@ def test_mteb_retrieval_gives_the_kits_ndcg_at_5(tiny_embedder, vidore_set):
     assert scores["main_score"] == scores["ndcg_at_5"]
 
 
+def test_mteb_command_prints_the_same_score(tiny_embedder, vidore_set, capsys):
+    from mmembed.integrations.mteb_encoder import main
+
+    kit = evaluate_visdoc(tiny_embedder, {"synth_vidore": vidore_set}).sets["synth_vidore"]
+    # the same preset and seed as tiny_embedder, loaded by the command
+    assert main(["--model", "tiny", "--device", "cpu", "--beir", str(vidore_set)]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("Localsynth_vidore\ttest"))
+    assert float(line.split("ndcg_at_5=")[1]) == pytest.approx(kit.metrics["ndcg@5"] / 100, abs=1e-4)
+    assert main(["--model", "tiny", "--device", "cpu"]) == 2  # no tasks: one line on stderr, exit status 2
+    assert "no tasks" in capsys.readouterr().err
+
+
 def test_mteb_instructions_follow_the_paper_tables(tiny_embedder):
     from mmembed.data.evalsets import VISDOC_QUERY_INSTRUCTION, VISDOC_TARGET_INSTRUCTION
     from mmembed.integrations.mteb_encoder import MMEmbedEncoder

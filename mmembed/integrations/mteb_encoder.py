@@ -155,3 +155,56 @@ def beir_retrieval_task(folder: str | Path, name: str | None = None, *, visual_d
 
     LocalBeirRetrieval.metadata = metadata
     return LocalBeirRetrieval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mmembed.integrations.mteb_encoder``: run mteb's evaluation of a model on mteb tasks or local sets.
+
+    Examples::
+
+        python -m mmembed.integrations.mteb_encoder --model out/embedder --beir data/synth/eval/visdoc/synth_vidore
+        python -m mmembed.integrations.mteb_encoder --model out/embedder --benchmark "ViDoRe(v1)" --out results/
+    """
+    import argparse
+
+    import mteb
+
+    from mmembed.errors import run_cli
+    from mmembed.logs import quiet_logs
+
+    parser = argparse.ArgumentParser(prog="python -m mmembed.integrations.mteb_encoder", description=main.__doc__)
+    parser.add_argument("--model", required=True, help="exported folder or preset name")
+    parser.add_argument("--tasks", nargs="*", default=[], help="mteb task names (their data comes from the hub)")
+    parser.add_argument("--benchmark", default=None, help="an mteb benchmark, e.g. ViDoRe(v1)")
+    parser.add_argument("--beir", nargs="*", default=[], help="local BEIR page-retrieval folders (no hub needed)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--out", default=None, help="mteb results cache folder (default: no cache)")
+    parser.add_argument("--debug", action="store_true", help="full traceback on errors")
+    args = parser.parse_args(argv)
+
+    def work() -> int:
+        quiet_logs(lightning=False)
+        tasks = [beir_retrieval_task(folder) for folder in args.beir]
+        if args.tasks:
+            tasks += list(mteb.get_tasks(tasks=args.tasks))
+        if args.benchmark:
+            tasks += list(mteb.get_benchmark(args.benchmark).tasks)
+        if not tasks:
+            raise ValueError("no tasks: give --beir folders, --tasks names or --benchmark")
+        model = MMEmbedEncoder(args.model, batch_size=args.batch_size, device=args.device)
+        cache = mteb.ResultCache(args.out) if args.out else None
+        result = mteb.evaluate(model, tasks, cache=cache, show_progress_bar=False,
+                               encode_kwargs={"batch_size": args.batch_size})
+        for task_result in result.task_results:
+            for split, rows in task_result.scores.items():
+                for row in rows:
+                    print(f"{task_result.task_name}\t{split}\t{row['hf_subset']}\tmain_score={row['main_score']:.5f}"
+                          f"\tndcg_at_5={row.get('ndcg_at_5', float('nan')):.5f}")
+        return 0
+
+    return run_cli(work, prog="python -m mmembed.integrations.mteb_encoder", debug=args.debug)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
