@@ -65,6 +65,22 @@ def test_sentence_transformers_prompts_are_the_paper_tables(exported, st_model):
     assert st_model.prompts["Colpali-document"] == "Represent the given visual documents."
 
 
+def test_sentence_transformers_save_round_trips(st_model, tmp_path):
+    st = pytest.importorskip("sentence_transformers")
+    st_model.prompts["mine-query"] = INSTR  # a user's own prompt survives SentenceTransformer.save
+    try:
+        st_model.save(str(tmp_path / "again"))
+    finally:
+        del st_model.prompts["mine-query"]
+    again = st.SentenceTransformer(str(tmp_path / "again"), trust_remote_code=True, device="cpu")
+    assert again.prompts["mine-query"] == INSTR
+    texts = ["a red circle", "a blue square"]
+    want = st_model.encode(texts, convert_to_tensor=True)
+    torch.testing.assert_close(again.encode(texts, convert_to_tensor=True), want, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="trust_remote_code=True"):  # sentence-transformers' own rule, its message
+        st.SentenceTransformer(str(tmp_path / "again"), device="cpu")
+
+
 def test_sentence_transformers_refuses_what_it_cannot_embed(st_model):
     with pytest.raises(ValueError, match="not fetched"):
         st_model.encode(["https://example.com/cat.png"])

@@ -33,6 +33,9 @@ from sentence_transformers.base.modules.input_module import InputModule
 from mmembed.embedder import Embedder, with_prompt
 from mmembed.types import Item, as_item
 
+#: The files ``SentenceTransformer.save`` writes itself.
+ST_FILES = ("modules.json", "config_sentence_transformers.json")
+
 #: sentence-transformers ``task`` values that select the candidate template.
 DOCUMENT_TASKS = ("document", "passage", "corpus", "candidate")
 
@@ -120,5 +123,13 @@ class MMEmbedModule(InputModule):
         return self.embedder.embed_dim
 
     def save(self, output_path: str, *args: Any, safe_serialization: bool = True, **kwargs: Any) -> None:
-        """Write the folder with ``Embedder.save_pretrained`` (its modules.json points back at this class)."""
-        self.embedder.save_pretrained(output_path)
+        """Write the folder with ``Embedder.save_pretrained``, keeping the files ``SentenceTransformer.save`` wrote.
+
+        sentence-transformers writes ``modules.json`` and ``config_sentence_transformers.json`` (its current prompts,
+        similarity function, ...) before saving its modules; those win over the embedder's defaults.
+        """
+        out = Path(output_path)
+        written = {name: (out / name).read_text() for name in ST_FILES if (out / name).is_file()}
+        self.embedder.save_pretrained(out)
+        for name, text in written.items():
+            (out / name).write_text(text)
