@@ -91,23 +91,29 @@ class MMEmbedEncoder(AbsEncoder):
 
     def encode(self, inputs: DataLoader, *, task_metadata: TaskMetadata, hf_split: str, hf_subset: str,
                prompt_type: PromptType | None = None, **kwargs: Any) -> np.ndarray:
-        """Embed mteb's batches (``text`` and / or ``image`` columns) with the query or candidate template."""
-        texts: list[str | None] = []
-        images: list[Any] = []
-        for batch in inputs:
-            n = len(batch["text"] if "text" in batch else batch["image"])
-            texts.extend(batch["text"] if "text" in batch else [None] * n)
-            images.extend(batch["image"] if "image" in batch else [None] * n)
-        has_text, has_image = any(t for t in texts), any(i is not None for i in images)
-        holds = "image+text" if has_text and has_image else "image" if has_image else "text"
-        instruction = self.instruction_for(task_metadata, prompt_type, holds)
+        """Embed mteb's batches (``text`` and / or ``image`` columns) with the query or candidate template.
+
+        Batch by batch, so a large image corpus is never decoded all at once; within a batch the kit's length
+        sorting applies.
+        """
         is_document = prompt_type == PromptType.document
         kind = "document" if is_document and is_visual_document_task(task_metadata) else "natural"
-        items = [Item(text=t or None, image=i, instruction=instruction, kind=kind) for t, i in zip(texts, images)]
-        out = self.model.encode(items, role="candidate" if is_document else "query",
-                                batch_size=kwargs.get("batch_size", self.batch_size),
-                                show_progress_bar=kwargs.get("show_progress_bar", False))
-        return out.numpy()
+        instructions: dict[str, str | None] = {}  # by what an item holds: one lookup per task side and content
+        chunks = []
+        for batch in inputs:
+            n = len(batch["text"] if "text" in batch else batch["image"])
+            texts = batch["text"] if "text" in batch else [None] * n
+            images = batch["image"] if "image" in batch else [None] * n
+            items = []
+            for text, image in zip(texts, images):
+                holds = "image+text" if text and image is not None else "image" if image is not None else "text"
+                if holds not in instructions:
+                    instructions[holds] = self.instruction_for(task_metadata, prompt_type, holds)
+                items.append(Item(text=text or None, image=image, instruction=instructions[holds], kind=kind))
+            chunks.append(self.model.encode(items, role="candidate" if is_document else "query",
+                                            batch_size=kwargs.get("batch_size", self.batch_size),
+                                            show_progress_bar=False, convert_to_numpy=True))
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.model.embed_dim), dtype=np.float32)
 
 
 def beir_retrieval_task(folder: str | Path, name: str | None = None, *, visual_documents: bool = True) -> Any:
