@@ -417,7 +417,9 @@ def main(cfg: DictConfig) -> dict[str, float] | None:
         print(f"config error: {e.msg}", file=sys.stderr)
         raise
     from mmembed.errors import USER_ERRORS, one_line
+    from mmembed.logs import quiet_logs
 
+    quiet_logs()  # each log line once (Hydra's format), third-party noise dropped at its source
     try:
         return run_task(cfg)
     except USER_ERRORS as e:

@@ -138,6 +138,9 @@ def _search(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from mmembed.logs import quiet_logs
+
+    quiet_logs(lightning=False)  # faiss' loader lines and bitsandbytes' kernel warning dropped
     try:
         return _build(args) if args.command == "build" else _search(args)
     except (FileNotFoundError, ValueError, ImportError) as err:

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from mmembed.logs import quiet_logs
+
+    quiet_logs(lightning=False)  # faiss' loader lines and bitsandbytes' kernel warning dropped
     from mmembed.errors import run_cli
 
     return run_cli(lambda: _mine(args), prog="python -m mmembed.mining.cli", debug=args.debug)
