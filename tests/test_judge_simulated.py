@@ -69,7 +69,8 @@ def test_measured_recall_and_false_yes_rate_match_the_settings(world, tiny_embed
         assert fn_pairs >= 300 and other_pairs >= 1000  # enough pairs for +-0.05 to be several standard errors
         assert abs(fn_yes / fn_pairs - recall) <= 0.05, (fn_yes, fn_pairs)
         assert abs(other_yes / other_pairs - fyr) <= 0.05, (other_yes, other_pairs)
-        assert s.totals["yes_recall"] == round(fn_yes / fn_pairs, 4)  # the summary's figure is the same measurement
+        assert s.totals["yes_recall"] == round(fn_yes / fn_pairs, 4)  # the summary's figures are the same measurement
+        assert s.totals["false_yes_rate"] == round(other_yes / other_pairs, 4)
         assert s.judge == SIMULATED_LABEL and s.judge_settings["recall"] == recall
         assert s.totals["fn_negative_judge"] < s.totals["fn_negative_rule"]  # it removes false negatives
 

@@ -52,7 +52,8 @@ class DatasetCurationStats:
         margin_dropped: Candidates within ``margin`` of (or above) the ground truth's score, summed over queries:
             what the margin control drops (compare ``judged_yes``, what the judge drops).
         yes_precision / yes_recall: Of the judge's 'yes' on retrieved candidates, the share that are planted false
-            negatives; of the retrieved planted false negatives, the share called 'yes'.
+            negatives; of the retrieved planted false negatives, the share called 'yes'. (``totals`` adds
+            ``false_yes_rate``: 'yes' among the judged candidates that are not planted false negatives.)
     """
 
     queries: int
@@ -271,6 +272,9 @@ def write_curated(shards, retrieval: dict[str, Any], judgments: dict[str, dict],
     caught = sum(s.fn_caught or 0 for s in judged_stats)
     totals["yes_precision"] = _ratio(caught, sum(s.judged_yes for s in judged_stats))
     totals["yes_recall"] = _ratio(caught, sum(s.fn_retrieved or 0 for s in judged_stats))
+    # 'yes' on the judged candidates that are not planted false negatives (what a simulated judge's false_yes_rate sets)
+    totals["false_yes_rate"] = _ratio(sum(s.judged_yes for s in judged_stats) - caught,
+                                      sum(s.judged_yes + s.judged_no - (s.fn_retrieved or 0) for s in judged_stats))
     summary = CurationSummary(
         out_dir=str(out), strategy=strategy, n=n, k=int(retrieval["k"]), seed=seed, judge=judge_label,
         judge_settings=judge_settings, margin=margin,
