@@ -27,7 +27,7 @@ from mmembed.mining.corpus import DatasetCorpus, collect_datasets
 CurationStrategy = Literal["judge", "rule", "margin"]
 STRATEGIES = ("judge", "rule", "margin")
 #: Default ``margin`` (delta) of ``strategy="margin"``, in retrieval-score units (cosine similarity).
-DEFAULT_MARGIN = 0.05
+DEFAULT_MARGIN = 0.01
 _UNSAFE_CHARS = str.maketrans({c: "_" for c in " /\\:*?\"<>|"})
 
 
