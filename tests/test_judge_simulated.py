@@ -20,7 +20,7 @@ from mmembed.judge import SIMULATED_LABEL, SimulatedJudge, judge_label, load_jud
 from mmembed.judge.curate import JUDGMENTS_FILE, choose, curate, within_margin, write_curated
 from mmembed.judge.simulated import ANSWER_LOGIT, NoGroundTruthError, score_percentiles
 
-Q = 240  # queries
+Q = 160  # queries
 FN = 24  # planted false negatives per query (ids of other positives)
 K = 20
 
@@ -200,3 +200,34 @@ def test_judge_labels_and_loading():
     assert isinstance(j, SimulatedJudge) and (j.recall, j.false_yes_rate, j.seed) == (0.8, 0.1, 5)
     assert j.label == SIMULATED_LABEL and SIMULATED_LABEL in j.display_name and "recall 0.8" in j.display_name
     assert j.fingerprint != SimulatedJudge(recall=0.8, false_yes_rate=0.1, seed=6).fingerprint
+
+
+def test_retrieval_records_the_ground_truth_score_and_refreshes_old_caches(world, tiny_embedder, tmp_path):
+    import shutil
+
+    from mmembed.judge.curate import RETRIEVAL_FILE, RETRIEVAL_FORMAT, retrieve_candidates
+
+    src, shards = world
+    shutil.copy(src / "cache" / RETRIEVAL_FILE, tmp_path / RETRIEVAL_FILE)
+    cached = json.loads((tmp_path / RETRIEVAL_FILE).read_text())
+    assert cached["fingerprint"].endswith(f"/{RETRIEVAL_FORMAT}")
+    seen = set()
+    for row in cached["queries"]["toy"]:
+        pos, scores, ranks = row["positive_score"], row["scores"], row["ranks"]
+        if len(ranks) == K - 1:  # the ground truth was retrieved at the one missing rank: its score sits there
+            (gt_rank,) = set(range(1, K + 1)) - set(ranks)
+            above = [s for s, r in zip(scores, ranks) if r < gt_rank]
+            below = [s for s, r in zip(scores, ranks) if r > gt_rank]
+            assert all(s >= pos - 1e-5 for s in above) and all(s <= pos + 1e-5 for s in below)
+            seen.add("retrieved")
+        else:  # not in the top K: below every candidate
+            assert len(ranks) == K and pos <= min(scores) + 1e-5
+            seen.add("not retrieved")
+    assert seen == {"retrieved", "not retrieved"}
+    # a cache written before positive_score existed (old fingerprint, no field) is recomputed, not read
+    for row in cached["queries"]["toy"]:
+        del row["positive_score"]
+    cached["fingerprint"] = cached["fingerprint"].removesuffix(f"/{RETRIEVAL_FORMAT}")
+    (tmp_path / RETRIEVAL_FILE).write_text(json.dumps(cached))
+    fresh = retrieve_candidates(tiny_embedder, shards, tmp_path, k=K)
+    assert all("positive_score" in r for r in fresh["queries"]["toy"])
