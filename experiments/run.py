@@ -146,12 +146,21 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; point at <run>/checkpoints/last.ckpt")
     if cfg.task in ("judge", "judge_ft"):
         j = cfg.judge
-        if j.strategy not in ("judge", "rule"):
-            raise ConfigError(f"judge.strategy={j.strategy!r} must be 'judge' or 'rule'")
+        if j.strategy not in ("judge", "rule", "margin"):
+            raise ConfigError(f"judge.strategy={j.strategy!r} must be 'judge', 'rule' or 'margin'")
+        if j.margin < 0:
+            raise ConfigError(f"judge.margin={j.margin} must be >= 0 (a retrieval-score difference)")
+        if j.model == "simulated":  # the simulated expert judge (synthetic world only): its settings checked here
+            from mmembed.judge.simulated import SimulatedJudge
+
+            try:
+                SimulatedJudge(recall=j.recall, false_yes_rate=j.false_yes_rate)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         # judge.model / judge.checkpoint left null are built on demand (judge_prerequisites): the kit's stage-1 model
         # and the stage-2 model, from the stage store
         for key in ("model", "checkpoint"):
-            if j[key] and not Path(j[key]).is_dir():
+            if j[key] and not (key == "model" and j[key] == "simulated") and not Path(j[key]).is_dir():
                 raise ConfigError(f"judge.{key}={j[key]} is not a folder")
     if cfg.mining.checkpoint and not Path(cfg.mining.checkpoint).is_dir():
         raise ConfigError(f"mining.checkpoint={cfg.mining.checkpoint} is not a folder; train stage2_warmup first "
@@ -235,6 +244,12 @@ def _logger(cfg: DictConfig, parent_run_id: str | None = None, standalone: bool 
                                                                                       or None, settings["output_dir"]))
             point = tracking.sweep_point_name(param, OmegaConf.select(cfg, param), cfg.seed)
             kw.update(parent_run_id=parent, run_name=point, tags={tracking.SWEEP_POINT_TAG: point})
+    if settings is not None and cfg.task == "judge_ft":  # which judge curated this run's negatives, by name
+        from mmembed.judge.simulated import judge_label
+
+        label = judge_label(cfg.judge.model) if cfg.judge.strategy == "judge" else None
+        kw["tags"] = {**kw.get("tags", {}), "mmembed.judge": label or "none",
+                      "mmembed.judge.strategy": cfg.judge.strategy}
     return instantiate(cfg.logger, **kw)
 
 
@@ -388,21 +403,26 @@ def judge(cfg: DictConfig) -> Path:
     """
     import stages  # experiments/stages.py (next to this file)
 
-    from mmembed.judge import Judge
-
     j = cfg.judge
     embedder = frozen_embedder(cfg, j.checkpoint)
-    judge_model = Judge.from_pretrained(j.model) if j.model else None
+    judge_model = stages.make_judge(j, cfg.seed)
     summary = stages.curate_with(j, embedder, judge_model, j.shards, j.out_dir, cfg.seed)
     t = summary.totals
-    print(f"curated shards in {j.out_dir}/shards: {summary.queries} queries, {t['negatives']} negatives, "
-          f"{t['extra_positives']} extra positives; planted false negatives caught {t['fn_caught']}, left as "
-          f"negatives: judge {t['fn_negative_judge']} vs rule {t['fn_negative_rule']} (n={summary.n})")
+    judge_name = getattr(judge_model, "display_name", "no judge")
+    print(f"curated shards in {j.out_dir}/shards ({j.strategy}, judge: {judge_name}): {summary.queries} queries, "
+          f"{t['negatives']} negatives, {t['extra_positives']} extra positives; planted false negatives caught "
+          f"{t['fn_caught']}, left as negatives: judge {t['fn_negative_judge']} vs rule {t['fn_negative_rule']} vs "
+          f"margin {t['fn_negative_margin']} (n={summary.n}, margin {summary.margin})")
     if cfg.get("logger") and "experiment_name" in cfg.logger:
         from mmembed.tracking import log_summary
 
+        label = getattr(judge_model, "label", None)
+        simulated = getattr(judge_model, "uses_ground_truth", False)
         log_summary(summary.to_json(), experiment_name=cfg.logger.experiment_name,
-                    run_name=f"{cfg.exp_name}/curation", tracking_uri=cfg.logger.tracking_uri,
+                    # the simulated judge is named in the run name too (the MLLM judge's run name is unchanged)
+                    run_name=f"{cfg.exp_name}/curation" + (f" ({label})" if simulated else ""),
+                    tags={"mmembed.judge": label or "none", "mmembed.judge.strategy": j.strategy},
+                    tracking_uri=cfg.logger.tracking_uri,
                     output_dir=cfg.logger.output_dir,
                     params={"judge": OmegaConf.to_container(j, resolve=True), "hard_negatives": cfg.hard_negatives},
                     artifacts=[Path(j.out_dir) / "summary.json", Path(j.out_dir) / "manifest.jsonl"])

@@ -232,9 +232,20 @@ def curate_with(j: DictConfig, embedder: Any, judge: Any, shards: Any, out_dir: 
     Path(j.cache_dir).mkdir(parents=True, exist_ok=True)
     with FileLock(str(Path(j.cache_dir)) + ".lock"):
         return curate(embedder, judge, shards, out_dir, k=j.retrieve_top_k, max_negatives=j.max_negatives,
-                      strategy=j.strategy, skip_datasets=list(j.skip_datasets), batch_size=j.batch_size,
+                      strategy=j.strategy, margin=j.margin, skip_datasets=list(j.skip_datasets),
+                      batch_size=j.batch_size,
                       embed_batch_size=j.embed_batch_size, reuse_prefix=j.reuse_prefix, seed=seed,
                       cache_dir=j.cache_dir)
+
+
+def make_judge(j: DictConfig, seed: int, model: str | Path | None = None) -> Any:
+    """The judge a ``judge:`` block names (``model`` overrides ``judge.model``): ``simulated`` -> the simulated
+    expert judge (``judge.recall`` / ``judge.false_yes_rate``, seeded by the run's seed), a folder -> the MLLM judge,
+    none -> None."""
+    from mmembed.judge.simulated import load_judge
+
+    model = model if model is not None else j.model
+    return load_judge(str(model), recall=j.recall, false_yes_rate=j.false_yes_rate, seed=seed) if model else None
 
 
 @register_stage("judge", requires=("hnm",), uses=("stage1",), available=_judge_available)
@@ -247,7 +258,6 @@ def judge(pipe: Pipeline, deps: Mapping[str, StageResult]) -> StageResult | None
     """
     from mmembed import Embedder
 
-    jmod = importlib.import_module("mmembed.judge")
     s: Settings = pipe.settings
     j = compose_stage(s, "judge", s.cfg.pipeline.exp.stage3).judge
     judge_model = j.model or (deps["stage1"].output("model") if "stage1" in deps else None)
@@ -261,13 +271,13 @@ def judge(pipe: Pipeline, deps: Mapping[str, StageResult]) -> StageResult | None
     ident = {"judge": settings, "shards": str(shards), "seed": s.cfg.seed}
 
     def build(ctx):
-        judge_obj = jmod.Judge.from_pretrained(str(judge_model)) if j.strategy == "judge" else None
+        judge_obj = make_judge(j, s.cfg.seed, judge_model) if j.strategy == "judge" else None
         summary = curate_with(j, Embedder.from_pretrained(retriever), judge_obj, shards, ctx.folder, s.cfg.seed)
         return {"outputs": {"shards": "shards", "summary": "summary.json"}, "metrics": {"summary": summary.to_json()}}
 
     inputs = {"retriever": fingerprint(retriever)}
-    if judge_model is not None:
-        inputs["judge_model"] = fingerprint(judge_model)
+    if judge_model is not None:  # the simulated judge's settings are in ident (the judge: block)
+        inputs["judge_model"] = "simulated" if str(judge_model) == "simulated" else fingerprint(judge_model)
     return pipe.store.run("judge", ident, build, inputs=inputs)
 
 
