@@ -272,12 +272,17 @@ def build_server(model: str, *, limits: Limits = Limits(), max_batch_size: int =
     if max_batch_size < 1 or batch_timeout < 0 or encode_batch_size < 1:
         raise ValueError("max_batch_size and encode_batch_size must be >= 1 and batch_timeout >= 0")
     embed_dim = load_config(model).text_config.hidden_size  # fails early on a bad model name, before any worker
+    if device == "cuda":
+        from mmembed.cli_args import check_device
+
+        check_device(device)
     apis: list[ls.LitAPI] = [EmbeddingAPI(model, limits=limits, max_batch_size=max_batch_size,
                                           batch_timeout=batch_timeout, encode_batch_size=encode_batch_size,
                                           precision=precision, threads=threads, embed_dim=embed_dim,
                                           **embedder_kwargs)]
     if reranker is not None:
         load_reranker_class()  # fail now, not in the worker
+        load_config(reranker)  # a missing / wrong folder too: in the worker it ends as a multi-process traceback
         apis.append(RerankAPI(reranker, limits=limits, threads=threads))
     accelerator = device if device in ("cpu", "cuda") else "auto"
     return ls.LitServer(apis, accelerator=accelerator, devices=1, timeout=timeout,
