@@ -165,3 +165,20 @@ def test_quickstart_path_makes_no_connection_attempt(tmp_path):
     probe = subprocess.run([sys.executable, "-c", "import socket; socket.create_connection(('127.0.0.1', 9))"],
                            env=env, capture_output=True, text=True, timeout=60)
     assert probe.returncode != 0 and "network blocked by the test" in probe.stderr and log.exists()
+
+
+@pytest.mark.slow
+def test_resuming_from_a_malicious_checkpoint_runs_no_code_even_when_torch_is_told_to_allow_it(tmp_path):
+    """``ckpt_path`` is loaded weights-only although ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` asks torch not to."""
+    marker = tmp_path / "code-ran"
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _Marker(str(marker))}, ckpt)
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update(MMEMBED_ROOT=str(tmp_path), OMP_NUM_THREADS="2", TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    args = ["+exp=quickstart", "synth.size=ci", "trainer.max_steps=2", "data.samples_per_epoch=8", "data.batch_size=4",
+            "data.num_workers=0", f"hydra.run.dir={tmp_path}/run", f"ckpt_path={ckpt}"]
+    r = subprocess.run([sys.executable, str(RUN), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=1200)
+    assert r.returncode != 0 and not marker.exists(), (r.stdout[-2000:], r.stderr[-3000:])
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "Traceback" not in r.stderr, r.stderr[-3000:]
