@@ -182,3 +182,15 @@ def test_resuming_from_a_malicious_checkpoint_runs_no_code_even_when_torch_is_to
     assert r.returncode != 0 and not marker.exists(), (r.stdout[-2000:], r.stderr[-3000:])
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+def test_the_kits_own_torch_loads_stay_weights_only_under_the_force_env_var(tmp_path, monkeypatch):
+    from mmembed.callbacks.resume import saved_mlflow_run_id
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"callbacks": {}, "payload": _Marker(str(marker))}, evil)
+    with pytest.warns(UserWarning, match="could not read the MLflow run id"):
+        assert saved_mlflow_run_id(evil) is None
+    assert not marker.exists()
