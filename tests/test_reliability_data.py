@@ -205,6 +205,74 @@ def test_every_bad_sample_is_skipped_and_counted_by_reason_and_count_agrees(tmp_
     assert counts["skipped"] == counter.as_dict()  # count shares the reader's check (and labels)
 
 
+def _train_and_count(url: str) -> tuple[tuple[int, dict], tuple[int, dict]]:
+    counter = SkipCounter("train")
+    n = len(list(iter_decoded([url], counter=counter)))
+    counts = count_shards([url])
+    return (n, counter.as_dict()), (counts["samples"], counts["skipped"])
+
+
+def _three_samples(path: Path) -> tuple[str, bytes, list[tarfile.TarInfo]]:
+    members = []
+    for i in range(3):
+        members += [(f"s{i}.json", json.dumps(_sample_json(id=f"s{i}")).encode()),
+                    (f"s{i}.query.png", png_bytes((60 * i, 0, 0), (300, 300)))]
+    url = _raw_tar(path, members)
+    with tarfile.open(url) as tf:
+        return url, Path(url).read_bytes(), tf.getmembers()
+
+
+def test_count_agrees_with_training_on_a_returning_key_and_a_member_cut_by_truncation(tmp_path):
+    j = {k: json.dumps(_sample_json(id=k)).encode() for k in "ab"}
+    # key 'a' returns after 'b' with the image its JSON names: training reads 'a' without it, then a duplicate
+    url = _raw_tar(tmp_path / "late-000000.tar", [("a.json", j["a"]), ("b.json", j["b"]),
+                                                  ("b.query.png", png_bytes()), ("a.query.png", png_bytes())])
+    train, count = _train_and_count(url)
+    assert train == count == (1, {"duplicate_member": 1, "missing_member": 1})
+    # a copy cut inside the last image's bytes: that sample lacks its image in training, and in count
+    _, raw, members = _three_samples(tmp_path / "full-000000.tar")
+    last = members[-1]
+    cut = tmp_path / "cut-000000.tar"
+    cut.write_bytes(raw[: last.offset_data + last.size // 2])
+    train, count = _train_and_count(str(cut))
+    assert train == count == (2, {"missing_member": 1, "truncated_shard": 1})
+
+
+def test_damaged_shards_are_corrupt_not_truncated(tmp_path):
+    import gzip
+    import os
+
+    url, raw, members = _three_samples(tmp_path / "ok-000000.tar")
+    cases = {}
+    cases["random"] = (os.urandom(6000), 0, "not a tar archive")
+    cases["bad_gzip"] = (b"\x1f\x8b\x08\x00" + os.urandom(4000), 0, "bad gzip stream")
+    flipped = bytearray(raw)
+    flipped[5] ^= 0x20  # a byte of the first header's name: its checksum no longer matches
+    cases["checksum_first"] = (bytes(flipped), 0, "bad tar header checksum")
+    flipped = bytearray(raw)
+    flipped[members[2].offset + 5] ^= 0x20  # the header of s1.json, inside the shard
+    cases["checksum_inside"] = (bytes(flipped), 1, "bad checksum")
+    gz = gzip.compress(raw)
+    cases["truncated_gzip"] = (gz[: len(gz) // 2], None, None)
+    cases["truncated_tar"] = (raw[: members[-1].offset_data + 10], 2, None)
+    for name, (data, n_good, detail) in cases.items():
+        path = tmp_path / f"{name}-000000.tar{'.gz' if 'gzip' in name else ''}"
+        path.write_bytes(data)
+        train, count = _train_and_count(str(path))
+        assert train == count, name
+        reason = "truncated_shard" if detail is None else "corrupt_shard"
+        assert reason in train[1] and ("corrupt_shard" if detail is None else "truncated_shard") not in train[1], \
+            (name, train)
+        if n_good is not None:
+            assert train[0] == n_good, (name, train)
+        if detail is not None:
+            counter = SkipCounter("x", log_first=0)
+            list(iter_decoded([str(path)], counter=counter))
+            from mmembed.data.reading import tar_damage
+
+            assert detail in tar_damage(path)[1], (name, tar_damage(path))
+
+
 def test_count_labels_missing_fields_as_bad_json_not_missing_members(tmp_path):
     d = _sample_json(task=_DROP)
     url = _raw_tar(tmp_path / "m-000000.tar", [("k.json", json.dumps(d).encode()), ("k.query.png", png_bytes())])
