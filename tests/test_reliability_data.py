@@ -402,3 +402,36 @@ def test_instruction_conversations_refuse_image_tokens_and_invalid_text(tmp_path
         assert info.value.reason == "bad_text"
     good = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok"}]}
     assert [m["role"] for m in enc.messages(good, 0)] == ["user", "assistant"]
+
+
+def test_a_huge_text_is_cut_from_a_prefix_not_tokenised_whole(builder, monkeypatch):
+    import random
+    import time
+
+    cap = builder.max_text_tokens
+    rng = random.Random(0)
+    words = ["red", "circle", "über", "日本語", "2024", "  ", "\n", "x" * 40, "!!!", "naïve", "😀"]
+    texts = [" ".join(rng.choice(words) for _ in range(n)) for n in (10, 300, 5000)]
+    texts += ["a" * 30_000, "1234567890" * 2000, "word " * 4000 + "z" * 9000, "=" * 50_000 + " end"]
+
+    def whole(text):  # the reference: tokenise everything, keep the first `cap` tokens
+        ids = builder.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= cap else builder.tokenizer.decode(ids[:cap])
+
+    for text in texts:
+        assert builder.cut(text) == whole(text), text[:60]
+    # a 20 MB field: only prefixes of a few thousand characters reach the tokenizer
+    seen: list[int] = []
+    tokenizer = builder.tokenizer
+    real_call = type(tokenizer).__call__
+
+    def spy(self, text, *args, **kwargs):
+        seen.append(len(text))
+        return real_call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", spy)
+    huge = "lorem ipsum dolor sit amet " * (20 * 2**20 // 27)
+    start = time.perf_counter()
+    out = builder.cut(huge)
+    assert max(seen) <= 64 * cap and time.perf_counter() - start < 5.0, (max(seen), time.perf_counter() - start)
+    assert huge.startswith(out.rstrip()) and len(tokenizer(out, add_special_tokens=False)["input_ids"]) <= cap
