@@ -302,7 +302,7 @@ def test_server_concurrent_requests_are_batched_and_correct(server, tiny_embedde
 
 
 @pytest.mark.slow
-def test_server_peak_memory_under_image_floods_stays_under_2_gib(tmp_path):
+def test_server_peak_memory_under_image_floods_stays_under_2_gb(tmp_path):
     """The issue's 32 x 4096x4096 PNG request, the largest admitted one, and two of those at once (default limits)."""
     pytest.importorskip("litserve")
     pytest.importorskip("requests")
@@ -312,4 +312,4 @@ def test_server_peak_memory_under_image_floods_stays_under_2_gib(tmp_path):
     assert res["flood"]["status"] == [413] and res["flood"]["errors"] == ["images_too_large"]
     assert res["largest"]["status"] == [200] and res["parallel"]["status"] == [200]
     for kind in ("flood", "largest", "parallel"):  # sum over the server's processes of their peak RSS
-        assert res[kind]["peak_gib"] * GIB < 2 * GIB, res
+        assert res[kind]["peak_gib"] * GIB < 2e9, res
