@@ -152,7 +152,9 @@ def test_the_request_pixel_budget_is_checked_from_headers_before_any_decoding(mo
     assert (err.status, err.code) == (413, "images_too_large") and "the limit is 33554432 per request" in err.message
     assert decoded == []  # refused from the headers alone
     with pytest.raises(RequestError, match="images of this request hold"):
-        parse_rerank_request({"query": "q", "documents": [{"image": big}] * 3}, Limits())
+        parse_rerank_request({"query": {"image": big}, "documents": [{"image": big}] * 2}, Limits())
+    assert protocol.request_pixels({"query": {"image": big}, "documents": [{"image": big}]}, Limits(),
+                                   rerank=True) == 2 * 4096 * 4096
     assert decoded == []
     # a real, compressible 4096x4096 PNG: its pixels are not decoded either (PIL's PNG getexif() would decode them)
     from PIL import Image, ImageFile

@@ -201,7 +201,7 @@ def image_pixels(value: Any, param: str, limits: Limits) -> int:
     return w * h
 
 
-def request_pixels(payload: Any, limits: Limits) -> int:
+def request_pixels(payload: Any, limits: Limits, rerank: bool = False) -> int:
     """Pixels of all images in an embeddings or rerank body, from their headers; 413 beyond ``max_request_pixels``.
 
     Runs before any image is decoded, so a request whose images would not fit costs header reads only. Malformed
@@ -209,7 +209,7 @@ def request_pixels(payload: Any, limits: Limits) -> int:
     """
     if not isinstance(payload, Mapping):
         return 0
-    if "documents" in payload or "query" in payload:
+    if rerank:
         docs = payload.get("documents")
         inputs = [("query", payload.get("query"))] + [(f"documents[{i}]", d) for i, d in
                                                       enumerate(docs if isinstance(docs, list) else [])]
@@ -316,7 +316,7 @@ def parse_rerank_request(payload: Any, limits: Limits) -> RerankJob:
     top_n = payload.get("top_n")
     if top_n is not None and (not isinstance(top_n, int) or top_n < 1):
         raise RequestError(400, f"top_n must be a positive integer, got {top_n!r}", param="top_n")
-    request_pixels(payload, limits)
+    request_pixels(payload, limits, rerank=True)
     return RerankJob(query=parse_item(payload["query"], "query", limits),
                      documents=[parse_item(d, f"documents[{i}]", limits) for i, d in enumerate(docs)],
                      top_n=top_n, return_documents=bool(payload.get("return_documents", False)),

@@ -85,6 +85,7 @@ class _JSONSpec(LitSpec):
     """A POST endpoint that validates JSON in the HTTP process and queues only valid jobs for the worker."""
 
     path = "/"
+    rerank = False  # which body shape request_pixels reads
 
     def __init__(self, limits: Limits, budget: PixelBudget | None = None, wait_timeout: float = 120.0) -> None:
         super().__init__()
@@ -130,7 +131,7 @@ class _JSONSpec(LitSpec):
     async def endpoint(self, request: Request) -> JSONResponse:
         try:
             payload = await self._read_json(request)
-            pixels = request_pixels(payload, self.limits)  # headers only: 413 before anything is decoded
+            pixels = request_pixels(payload, self.limits, rerank=self.rerank)  # headers only: 413 before decoding
         except RequestError as err:
             return JSONResponse(err.body(), status_code=err.status)
         if pixels:
@@ -194,6 +195,7 @@ class RerankSpec(_JSONSpec):
     """``POST /v1/rerank``: ``{"query": ..., "documents": [...], "top_n": n}`` -> documents by P("Yes")."""
 
     path = "/v1/rerank"
+    rerank = True
 
     def parse(self, payload: Any) -> RerankJob:
         return parse_rerank_request(payload, self.limits)
