@@ -299,7 +299,9 @@ def fit(cfg: DictConfig, train_shards: str | None = None, parent_run_id: str | N
         callbacks = _callbacks(cfg, has_logger=logger is not None)
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger or False)
         t0 = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        # weights_only=True said explicitly: torch then ignores TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, so a resumed
+        # checkpoint can never run pickled code (the kit's checkpoints hold only tensors and plain values).
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         metrics["time/fit_s"] = time.perf_counter() - t0
         rows = before_after(callbacks)

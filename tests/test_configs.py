@@ -109,3 +109,19 @@ def test_validation_gives_one_line_errors(tmp_path):
     cfg = _compose(tmp_path, ["module.gradcache_chunk_size=4"])
     validate(cfg)  # moves clipping from the Trainer (unsupported in manual optimisation) into the module
     assert cfg.trainer.gradient_clip_val is None and cfg.module.gradient_clip_val == 1.0
+
+
+def test_mmembed_root_also_holds_hydras_outputs_and_multirun_folders(tmp_path, monkeypatch):
+    GlobalHydra.instance().clear()
+    for root, prefix in ((str(tmp_path / "root"), str(tmp_path / "root") + "/"), (None, "./")):
+        if root is None:
+            monkeypatch.delenv("MMEMBED_ROOT", raising=False)
+        else:
+            monkeypatch.setenv("MMEMBED_ROOT", root)
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose("run", return_hydra_config=True)
+        run_dir, sweep_dir = OmegaConf.select(cfg, "hydra.run.dir"), OmegaConf.select(cfg, "hydra.sweep.dir")
+        assert run_dir.startswith(prefix + "outputs/") and sweep_dir.startswith(prefix + "multirun/"), (run_dir,
+                                                                                                       sweep_dir)
+    GlobalHydra.instance().clear()

@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _instruction_args(p: argparse.ArgumentParser) -> None:
@@ -147,6 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "synth":
             from mmembed.data.synth import generate
 
+            if Path(args.out).exists() and not Path(args.out).is_dir():
+                raise ValueError(f"--out {args.out} is a file; give a folder (new, empty, or a previous world with "
+                                 "--overwrite)")
             start = time.perf_counter()
             from mmembed.data.synth.world import DEFAULT_FALSE_NEGATIVE_RATE
 
@@ -177,8 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mmembed.data.reading import expand_urls
 
             inspect_shards(expand_urls(args.shards), n=args.n, console=console)
-    except (ValueError, FileNotFoundError, FileExistsError) as exn:
-        console.print(f"[red]error:[/red] {exn}", highlight=False)
+    except (ValueError, OSError) as exn:  # OSError: unreadable / unwritable paths (permissions, a file for a folder)
+        print(f"mmembed-data: error: {exn}", file=sys.stderr)  # plain print: rich would wrap the line
         return 2
     return 0
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from mmembed.cli_args import add_model_arguments, embedder_from_args
+from mmembed.cli_args import add_model_arguments, check_device, embedder_from_args
 from mmembed.errors import run_cli
 from mmembed.eval.results import BenchmarkResult
 from mmembed.eval.suites import VISDOC_GROUP_TITLES
@@ -137,6 +137,8 @@ def _evaluate_judge(args: argparse.Namespace) -> int:
     from mmembed.judge import Judge
     from mmembed.judge.evaluate import evaluate_judge
 
+    check_device(args.device)
+
     metrics = evaluate_judge(Judge.from_pretrained(args.judge, device=args.device), args.data, args.image_root,
                              batch_size=args.batch_size)
     metrics = {"judge": str(args.judge), "data": str(args.data), **metrics}
@@ -157,10 +159,28 @@ def _evaluate_judge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_names(args: argparse.Namespace) -> None:
+    """Unknown ``--subsets`` / ``--sets`` fail here, before the model is loaded (the runners check again)."""
+    if args.benchmark == "mmeb" and args.subsets:
+        from mmembed.eval.mmeb import resolve_mmeb_subsets
+
+        have, option, names = resolve_mmeb_subsets(args.data)[0], "--subsets", _names(args.subsets)
+    elif args.benchmark == "visdoc" and args.sets:
+        from mmembed.eval.visdoc import resolve_visdoc_sets
+
+        have, option, names = resolve_visdoc_sets(args.data)[0], "--sets", _names(args.sets)
+    else:
+        return
+    unknown = [n for n in names or [] if n not in have]
+    if unknown:
+        raise ValueError(f"{option}: {unknown} not in {args.data} (have {sorted(have)})")
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     if not args.data.exists():  # before the model loads: a wrong path should not cost the load
         raise FileNotFoundError(f"--data {args.data} does not exist; point at a benchmark folder "
                                 "(e.g. the synthetic world from `mmembed-data synth --out data/synth`)")
+    _check_names(args)
     console = Console()
     embedder = embedder_from_args(args)  # heavy imports (torch, transformers) only now the arguments are valid
     extra = {"model": str(args.model), "data": str(args.data)}

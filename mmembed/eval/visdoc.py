@@ -163,7 +163,8 @@ def evaluate_visdoc(
     if names is not None:
         unknown = [n for n in names if n not in paths]
         if unknown:
-            raise KeyError(f"sets {unknown} are not in the data (have {sorted(paths)})")
+            raise ValueError(f"sets {unknown} are not in the data (have {sorted(paths)}); "
+                             "fix --sets / names")
         paths = {n: paths[n] for n in names}
     info_table = {**shipped, **(groups or {})}
     out = Path(out_dir) if out_dir is not None else None

@@ -112,9 +112,11 @@ def _search(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from mmembed.embedder import Embedder
+    from mmembed.index.integrity import check_model
     from mmembed.types import Item
 
     embedder = Embedder.from_pretrained(model, device=args.device)
+    check_model(index, embedder)  # queries from other weights would rank the corpus by noise, silently
     item = Item(text=args.text, image=Path(args.image) if args.image else None, instruction=args.instruction,
                 kind=args.kind)
     hits = index.search(embedder.encode(item, role="query"), k=args.k).hits(0)

@@ -2,7 +2,8 @@
 
 Folder layout (``Index.save`` / ``Index.load``)::
 
-    DIR/index.json     kind, dimension, count, search parameters, the model and role that made the vectors
+    DIR/index.json     kind, dimension, count, search parameters, the model and role that made the vectors,
+                       and a SHA-256 of every other file (checked at load: see :mod:`mmembed.index.integrity`)
     DIR/vectors.npy    (N, D) float32 L2-normalised embeddings -- the source of truth (memory-mapped on load)
     DIR/meta.jsonl     one JSON object per vector, in vector order: {"id": ..., **metadata}
     DIR/index.faiss    the trained approximate index (kinds "ivf" and "hnsw") or the int8 / binary codes
@@ -38,6 +39,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from mmembed.index import integrity
 from mmembed.matryoshka import truncate_embeddings
 
 IndexKind = Literal["flat", "ivf", "hnsw"]
@@ -150,6 +152,7 @@ class Index:
         if precision == "binary" and vectors.shape[1] % 8:
             raise ValueError(f"binary codes need a dimension divisible by 8, got {vectors.shape[1]}; pick another "
                              "truncate_dim")
+        integrity.check_finite(vectors, "Index.build")
         ids = [str(i) for i in ids]
         if len(set(ids)) != len(ids):
             dup = next(i for i in ids if ids.count(i) > 1)
@@ -269,6 +272,8 @@ class Index:
         q = _as_matrix(queries, "queries")
         if "truncate_dim" in self.params and q.shape[1] == self.params["source_dim"] != self.dim:
             q = truncate_embeddings(q, self.dim)  # full-dimension queries, cut like the indexed vectors
+        if not np.isfinite(q).all():
+            raise ValueError("queries hold NaN or inf; the query encoder produced invalid embeddings")
         if q.shape[1] != self.dim:
             raise ValueError(f"queries have dimension {q.shape[1]} but the index holds {self.dim}-d vectors; "
                              "encode them with the model that built the index")
@@ -365,32 +370,46 @@ class Index:
             _atomic(out / "index.faiss", lambda f: f.write(serialize(self._faiss).tobytes()))
         else:
             (out / "index.faiss").unlink(missing_ok=True)
+        files = ["vectors.npy", "meta.jsonl"] + (["index.faiss"] if self._uses_faiss else [])
         header = {"format": "mmembed-index", "version": FORMAT_VERSION, "kind": self.kind, "dim": self.dim,
-                  "count": len(self), "metric": "inner_product", "params": self.params, **self.info}
+                  "count": len(self), "metric": "inner_product", "params": self.params, **self.info,
+                  "checksums": integrity.checksums(out, files)}
         _atomic(out / "index.json", lambda f: f.write(json.dumps(header, indent=2, sort_keys=True).encode()))
         return out
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, mmap: bool = True) -> Index:
-        """Open a saved index folder (vectors memory-mapped unless ``mmap=False``)."""
+    def load(cls, path: str | os.PathLike, *, mmap: bool = True, verify: bool = True) -> Index:
+        """Open a saved index folder (vectors memory-mapped unless ``mmap=False``).
+
+        Args:
+            verify: Check every file against the checksum ``index.json`` recorded at build (reads each file once)
+                and every vector for NaN / inf. A damaged or mixed-up folder is a one-line ``ValueError``.
+        """
         path = Path(path)
         head = path / "index.json"
         if not head.is_file():
             raise FileNotFoundError(f"{path} is not an index folder (no index.json); build one with "
                                     "`mmembed-index build --model M --corpus C --out DIR`")
-        info = json.loads(head.read_text())
-        if info.get("format") != "mmembed-index" or info.get("version") != FORMAT_VERSION:
+        info = integrity.parsed(head, lambda: json.loads(head.read_text()), "index header")
+        if (not isinstance(info, dict) or info.get("format") != "mmembed-index"
+                or info.get("version") != FORMAT_VERSION):
             raise ValueError(f"{head}: not an mmembed index of format version {FORMAT_VERSION}; rebuild it")
-        vectors = np.load(path / "vectors.npy", mmap_mode="r" if mmap else None)
-        ids, metadata = [], []
-        with open(path / "meta.jsonl", encoding="utf-8") as f:
-            for line in f:
-                rec = json.loads(line)
-                ids.append(rec.pop("id"))
-                metadata.append(rec)
-        if len(ids) != len(vectors) or len(ids) != info["count"]:
-            raise ValueError(f"{path}: index.json says {info['count']} vectors, vectors.npy has {len(vectors)} and "
-                             f"meta.jsonl {len(ids)}; the folder is incomplete, rebuild it")
+        recorded = info.pop("checksums", None)
+        if verify:
+            integrity.verify_checksums(path, recorded)
+        vectors = integrity.parsed(path / "vectors.npy",
+                                   lambda: np.load(path / "vectors.npy", mmap_mode="r" if mmap else None,
+                                                   allow_pickle=False), "vectors file (.npy)")
+        if vectors.ndim != 2 or vectors.dtype != np.float32:
+            raise ValueError(f"{path / 'vectors.npy'} holds {vectors.dtype} {vectors.shape}, not (N, D) float32; "
+                             "rebuild the index")
+        if verify:
+            integrity.check_finite(vectors, str(path / "vectors.npy"))
+        ids, metadata = integrity.parsed(path / "meta.jsonl", lambda: _read_meta(path / "meta.jsonl"), "meta.jsonl")
+        if len(ids) != len(vectors) or len(ids) != info["count"] or vectors.shape[1] != info.get("dim"):
+            raise ValueError(f"{path}: index.json says {info['count']} vectors of dimension {info.get('dim')}, "
+                             f"vectors.npy has {vectors.shape} and meta.jsonl {len(ids)} lines; the folder is "
+                             "incomplete or mixed, rebuild it")
         kind, params = info.pop("kind"), info.pop("params")
         for key in ("format", "version", "dim", "count", "metric"):
             info.pop(key, None)
@@ -399,7 +418,13 @@ class Index:
             faiss = import_faiss()
             binary = params.get("precision") == "binary"
             deserialize = faiss.deserialize_index_binary if binary else faiss.deserialize_index
-            faiss_index = deserialize(np.fromfile(path / "index.faiss", dtype=np.uint8))
+            faiss_index = integrity.parsed(
+                path / "index.faiss", lambda: deserialize(np.fromfile(path / "index.faiss", dtype=np.uint8)),
+                "faiss index")
+            if faiss_index.ntotal != len(ids) or faiss_index.d != vectors.shape[1]:
+                raise ValueError(f"{path / 'index.faiss'} holds {faiss_index.ntotal} vectors of dimension "
+                                 f"{faiss_index.d}, the folder {len(ids)} of {vectors.shape[1]}: it belongs to "
+                                 "another index; rebuild it")
             if kind == "ivf":
                 faiss_index.nprobe = params["nprobe"]
             elif kind == "hnsw":
@@ -413,6 +438,14 @@ class Index:
 def _binary_codes(x: np.ndarray) -> np.ndarray:
     """(N, D) floats -> (N, D / 8) uint8: one bit per coordinate, set where it is positive."""
     return np.packbits(np.asarray(x) > 0, axis=1)
+def _read_meta(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    ids, metadata = [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            ids.append(str(rec.pop("id")))
+            metadata.append(rec)
+    return ids, metadata
 
 
 def _atomic(path: Path, write) -> None:
