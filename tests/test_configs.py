@@ -52,7 +52,8 @@ def test_exp_composes_and_instantiates(exp, tmp_path):
     if exp.startswith("ablation_lora_r"):
         assert cfg.backbone.finetune.lora_r == int(exp.removeprefix("ablation_lora_r"))
     if exp.startswith("ablation_vtc"):
-        assert cfg.backbone.vtc_factor == int(exp.removeprefix("ablation_vtc"))
+        assert cfg.backbone.vtc_factor == int(exp.removeprefix("ablation_vtc").removesuffix("_tower"))
+        assert (cfg.backbone.in_tower_layer is not None) == exp.endswith("_tower")  # issue 27's extra column
         assert "vtc_factor" not in cfg.data  # the factor reaches the data only through backbone.input_builder
     dm = instantiate(cfg.data)
     if "num_hard_negatives" in cfg.data:  # contrastive data (stage 1 and the reranker read no hard-negative count)
@@ -62,12 +63,13 @@ def test_exp_composes_and_instantiates(exp, tmp_path):
     instantiate(cfg.trainer, logger=False)
 
 
-@pytest.mark.parametrize("exp", ["quickstart", "ablation_lora_r8", "ablation_vtc4"])
+@pytest.mark.parametrize("exp", ["quickstart", "ablation_lora_r8", "ablation_vtc4", "ablation_vtc2_tower"])
 def test_backbone_and_module_instantiate(exp, tmp_path):
     cfg = _compose(tmp_path, [f"+exp={exp}"])
     backbone = instantiate(cfg.backbone)
     module = instantiate(cfg.module, backbone=backbone)
     assert module.backbone.vtc_factor == cfg.backbone.vtc_factor
+    assert module.backbone.in_tower_layer == cfg.backbone.in_tower_layer
     lora_a = [p for n, p in module.named_parameters() if "lora_A" in n]
     assert lora_a and lora_a[0].shape[0] == cfg.backbone.finetune.lora_r
     assert module.embedder().input_builder.processor.image_seq_length == backbone.tokens_per_tile
