@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -71,3 +72,22 @@ def test_devices_flag_validation(tmp_path, capsys):
         main(["mmeb", "--model", "tiny", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--devices", "2",
               "--reranker", "tiny"])
     assert "run E+R (--reranker) with --devices 1" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_eval_callbacks_under_ddp_write_the_single_process_files(mmeb_data, visdoc_data, tmp_path):  # noqa: F811
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    script = ROOT / "tests" / "scripts" / "ddp_eval_callback.py"
+    for mode in ("single", "ddp"):
+        r = subprocess.run([sys.executable, str(script), str(tmp_path), mode, str(mmeb_data[0]),
+                            str(visdoc_data[0].parent)], env=env, capture_output=True, text=True, timeout=400)
+        assert r.returncode == 0, r.stderr[-3000:]
+    single, ddp = _run_files(tmp_path / "single"), _run_files(tmp_path / "ddp")
+    assert single and single.keys() == ddp.keys()
+    assert {Path(k).parts[1] for k in single} == {"mmeb", "visdoc"}
+    assert single == ddp
+    logged = {m: json.loads((tmp_path / f"{m}.json").read_text()) for m in ("single", "ddp")}
+    assert logged["single"] == logged["ddp"] and logged["single"]["mmeb"][0]["metrics"]["val/mmeb/overall"] >= 0
+    for bench in ("mmeb", "visdoc"):
+        (folder,) = (tmp_path / "ddp").glob(f"step*-start/{bench}")
+        assert load_metrics(folder)["extra"]["devices"] == 2
