@@ -55,6 +55,7 @@ from benchmarks.common import (
     run_interleaved,
     tile_side,
 )
+from mmembed.backbone.vtc import tokens_per_tile
 
 # Targets from the issue (CPU, mini preset): encode throughput of VTC over native.
 GOALS = {"natural": 1.2, "document": 1.6}
@@ -218,10 +219,40 @@ def run(args: argparse.Namespace, name: str, device: torch.device, dtype: torch.
                 goal = IN_TOWER_GOAL if kind == "natural" else None
                 print(ratio_line(f"{kind} encode items/s, in-tower k={v.in_tower}", timings,
                                  ("encode", kind, NATIVE), ("encode", kind, v), goal, device))
-            print(flop_ratio_line(f"{kind} encode, {v.label}", achieved, flop_ratio))
+            cpu = None if device.type == "cuda" else timings.ratio(("encode", kind, NATIVE), ("encode", kind, v),
+                                                                   cpu=True)
+            print(flop_ratio_line(f"{kind} encode, {v.label}", achieved, flop_ratio, achieved_cpu=cpu))
     if args.preset == "mini":
         print_shape_table([name, REFERENCE_PRESET])
+        if len(variants) > 2:
+            text = {kind: seq_len[kind, NATIVE] - tokens[kind, NATIVE] for kind in KINDS}
+            print_in_tower_projection(REFERENCE_PRESET, text, {kind: tiles[kind, NATIVE] for kind in KINDS})
     return results
+
+
+def print_in_tower_projection(preset: str, text_tokens: dict[str, float], tiles: dict[str, float]) -> None:
+    """Analytic encode FLOP ratio over native at the real preset's depth, for VTC and in-tower at several k.
+
+    The benchmarked shape has its own (smaller) depth; a block ``k`` there corresponds to the same fraction of the
+    real tower. Text tokens and tiles per item are this run's.
+    """
+    from benchmarks.common import _config
+
+    layers = _config(preset).vision_config.num_hidden_layers
+    blocks = sorted({0, layers // 4, layers // 2, 3 * layers // 4, layers})
+    rows = []
+    for v in (VTC, *(Variant(2, k) for k in blocks)):
+        cells = []
+        for kind in KINDS:
+            per_tile = {u: tokens_per_tile(_config(preset), u.factor) for u in (NATIVE, v)}
+            flops = {u: item_gflops(preset, u, tiles[kind], tiles[kind] * per_tile[u] + text_tokens[kind])
+                     for u in (NATIVE, v)}
+            cells.append(f"{flops[NATIVE] / flops[v]:.2f}x")
+        rows.append([v.label, *cells])
+    print_table(f"Encode FLOP ratio over native at {preset} (analytic, {layers} vision layers; this run's text "
+                "tokens and tiles per item)", ["variant", *(f"{k} ({tiles[k]:g} tiles)" for k in KINDS)], rows,
+                caption="k = the vision block after which the tower pools (0 = patch embeddings). Compare a "
+                        "benchmarked k with the same fraction of this depth.")
 
 
 if __name__ == "__main__":
