@@ -158,3 +158,12 @@ def test_export_round_trip(tmp_path):
     off = Embedder.from_pretrained(folder, device="cpu", in_tower_layer="off")
     assert off.module.in_tower_layer is None and _hooks(off.module) == 0
     assert not torch.allclose(off.encode(items, role="candidate"), want)
+
+
+def test_command_line_option_reaches_the_embedder(tmp_path):
+    from mmembed.cli_args import embedder_from_args
+    from mmembed.eval.cli import build_parser
+
+    args = build_parser().parse_args(["mmeb", "--model", "tiny", "--data", str(tmp_path), "--out", str(tmp_path),
+                                      "--device", "cpu", "--in-tower-layer", "1"])
+    assert embedder_from_args(args).module.in_tower_layer == 1
