@@ -133,10 +133,10 @@ def check_in_tower(config, factor: int, placement: str, in_tower_layer: int) -> 
     layers = config.vision_config.num_hidden_layers
     if isinstance(in_tower_layer, bool) or not isinstance(in_tower_layer, int) or not 0 <= in_tower_layer <= layers:
         raise ValueError(f"in_tower_layer={in_tower_layer!r}: use a block index 0..{layers} (0 = after the patch "
-                         f"embeddings, {layers} = after the last of this tower's {layers} layers) or null for off")
+                         f"embeddings, {layers} = after the last of this tower's {layers} layers) or off")
     if factor == 1:
         raise ValueError("in_tower_layer needs vtc_factor 2 or 4 (it moves VTC's downsampling into the tower); "
-                         "set vtc_factor=2 or in_tower_layer=null")
+                         "set vtc_factor=2 or in_tower_layer=off")
     if placement != "pre_shuffle":
         raise ValueError(f"in_tower_layer replaces VTC's resize of the encoder map, which is the pre_shuffle "
                          f"placement; got vtc_placement={placement!r}: set vtc_placement=pre_shuffle")
