@@ -111,3 +111,17 @@ def test_validation_gives_one_line_errors(tmp_path):
     cfg = _compose(tmp_path, ["module.gradcache_chunk_size=4"])
     validate(cfg)  # moves clipping from the Trainer (unsupported in manual optimisation) into the module
     assert cfg.trainer.gradient_clip_val is None and cfg.module.gradient_clip_val == 1.0
+
+
+def test_in_tower_layer_is_hashed_only_when_set(tmp_path):
+    """Stage folders built before backbone.in_tower_layer existed keep their keys while it is off (null)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from stages import identity
+
+    off = identity(_compose(tmp_path, ["+exp=ablation_vtc2"]))
+    assert "in_tower_layer" not in off["backbone"] and off["backbone"]["vtc_factor"] == 2
+    on = identity(_compose(tmp_path, ["+exp=ablation_vtc2", "backbone.in_tower_layer=1"]))
+    assert on["backbone"]["in_tower_layer"] == 1
+    assert {k: v for k, v in on["backbone"].items() if k != "in_tower_layer"} == off["backbone"]
