@@ -29,6 +29,9 @@ from mmembed.pipeline import Pipeline, StageResult, StageStore, fingerprint, reg
 CONFIGS = Path(__file__).resolve().parent / "configs"
 MASK = "<stage folder>"  # stands for the stage's own folder in the hashed config
 NOT_HASHED = ("paths", "logger", "exp_name", "sweep", "pipeline", "save_embedder", "ckpt_path")
+# Options added after stages were first built: hashed only when set, so stage folders built before they existed
+# keep their keys (and stay reusable) while the option is off.
+HASHED_WHEN_SET = (("backbone", "in_tower_layer"),)
 MAIN_METRICS = ("val/mmeb/overall", "val/visdoc/overall")
 
 
@@ -97,6 +100,9 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
     out = OmegaConf.to_container(view, resolve=True)
     for key in NOT_HASHED:
         out.pop(key, None)
+    for group, key in HASHED_WHEN_SET:
+        if isinstance(out.get(group), dict) and out[group].get(key) is None:
+            out[group].pop(key, None)
     return out
 
 

@@ -11,9 +11,11 @@ from typing import Any
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--model``, ``--vtc-factor`` and ``--device`` to ``parser``."""
+    """Add ``--model``, ``--vtc-factor``, ``--in-tower-layer`` and ``--device`` to ``parser``."""
     parser.add_argument("--model", required=True, help="preset name (e.g. tiny) or local model folder")
     parser.add_argument("--vtc-factor", type=int, default=None, help="override the model's compression factor")
+    parser.add_argument("--in-tower-layer", default=None,
+                        help="in-tower compression after vision block k (0..L), or 'off'; default: the folder's")
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
 
 
@@ -46,4 +48,5 @@ def embedder_from_args(args: argparse.Namespace, device: Any = None):
 
     device = device or args.device
     check_device(device)
-    return Embedder.from_pretrained(args.model, vtc_factor=args.vtc_factor, device=device)
+    return Embedder.from_pretrained(args.model, vtc_factor=args.vtc_factor, device=device,
+                                    in_tower_layer=getattr(args, "in_tower_layer", None))

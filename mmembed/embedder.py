@@ -77,7 +77,8 @@ class Embedder:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, vtc_factor: int | None = None, vtc_placement: str | None = None,
                         tile_policy: TilePolicy | dict | None = None, device: str | torch.device | None = None,
-                        dtype: torch.dtype | str | None = None, seed: int = 0, **builder_kwargs) -> Embedder:
+                        dtype: torch.dtype | str | None = None, seed: int = 0,
+                        in_tower_layer: int | str | None = None, **builder_kwargs) -> Embedder:
         """Load from a preset name (random init) or a local folder (stock InternVL3-*-hf or mmembed-saved).
 
         Args:
@@ -88,10 +89,12 @@ class Embedder:
             device: where to run; default CUDA when available.
             dtype: parameter dtype; default the checkpoint's (fp32 for presets).
             seed: init seed for presets.
+            in_tower_layer: in-tower compression after vision block ``k`` (``mmembed.backbone.vtc``); ``"off"``
+                for none; default: the folder's recorded value, else off.
             **builder_kwargs: ``use_chat_template``, ``max_text_tokens``, ``pooled_token`` for the ``InputBuilder``.
         """
         module = build_backbone(name_or_path, vtc_factor, vtc_placement, finetune=None, dtype=dtype, seed=seed,
-                                tile_policy=tile_policy, **builder_kwargs)
+                                tile_policy=tile_policy, in_tower_layer=in_tower_layer, **builder_kwargs)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         prompts = saved_prompts(Path(name_or_path)) if Path(name_or_path).is_dir() else None
         return cls(module.to(device).eval(), prompts=prompts)
@@ -278,7 +281,8 @@ class Embedder:
         transformers apply compression in two lines (docs/real_data.md)::
 
             model = InternVLForConditionalGeneration.from_pretrained(path)
-            apply_vtc(model.model, model.config.vtc_factor, model.config.vtc_placement)  # mmembed.backbone.vtc
+            apply_vtc(model.model, model.config.vtc_factor, model.config.vtc_placement,  # mmembed.backbone.vtc
+                      getattr(model.config, "vtc_in_tower_layer", None))
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -297,6 +301,7 @@ class Embedder:
         settings = {
             "vtc_factor": self.module.vtc_factor,
             "vtc_placement": self.module.vtc_placement,
+            "vtc_in_tower_layer": self.module.in_tower_layer,
             "tile_policy": {"natural": b.tile_policy.natural, "document": b.tile_policy.document},
             "use_chat_template": b.use_chat_template,
             "max_text_tokens": b.max_text_tokens,
