@@ -86,7 +86,7 @@ SIZES: dict[str, SizeConfig] = {
 }
 
 
-# Chosen by measurement (docs/synthetic_world.md): at 0.3 about 7% of a trained tiny miner's rule-based top-12
+# Chosen by measurement (docs/synthetic_world.md): at 0.3, 6.5% of a trained tiny miner's rule-based top-12
 # negatives are planted false negatives (0.1: 3.8%, 0.2: 5.5%, 0.4: 8.5%; 0: 0.3%, the earlier world).
 DEFAULT_FALSE_NEGATIVE_RATE = 0.3
 
