@@ -216,7 +216,15 @@ class RankLoader(wds.WebLoader):
         loader_kwargs.setdefault("persistent_workers", False)
         if num_workers > 0:
             loader_kwargs.setdefault("prefetch_factor", 2)
-        super().__init__(dataset, batch_size=None, shuffle=False, num_workers=num_workers, **loader_kwargs)
+        if "generator" in loader_kwargs:
+            raise ValueError("RankLoader seeds its workers from (seed, rank, epoch); pass seed=, not generator=")
+        # wds.WebLoader wraps a DataLoader (it is not one): the generator must be handed to that inner DataLoader,
+        # since an attribute set on the wrapper is never read and the DataLoader then draws its worker base seed
+        # from the global torch RNG at every iter(), shifting the model's dropout stream between the checkpoint
+        # and the next step (a resumed run restores the RNG after that draw and trains with other masks).
+        self._worker_seeds = torch.Generator()
+        super().__init__(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
+                         generator=self._worker_seeds, **loader_kwargs)
         self.num_batches = num_batches
         self.shared_epoch = shared_epoch
         self.epoch_fn = epoch_fn
@@ -256,8 +264,7 @@ class RankLoader(wds.WebLoader):
             if self._resume[0] == epoch:
                 skip = self._resume[1]
             self._resume = None
-        self.generator = torch.Generator().manual_seed(
-            random.Random(f"loader/{self.seed}/{self.rank}/{epoch}").getrandbits(63))
+        self._worker_seeds.manual_seed(random.Random(f"loader/{self.seed}/{self.rank}/{epoch}").getrandbits(63))
         n = 0
         self._yielded = 0
         for batch in super().__iter__():
