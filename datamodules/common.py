@@ -175,6 +175,37 @@ class SeededShuffle(PipelineStage):
 
 
 # -------------------------------------------------------------------------------------------------------- loader
+def worker_base_seed(seed: int, rank: int, epoch: int) -> int:
+    """The DataLoader worker base seed of one epoch: a function of ``(seed, rank, epoch)`` alone.
+
+    Given to a DataLoader through its ``generator``, so that starting an epoch does not draw from the global torch
+    RNG (a resumed run restores that RNG to the checkpoint's state; the draw would make the two runs' dropout
+    streams differ) and a resumed run's workers get the seeds the uninterrupted run's had.
+    """
+    return random.Random(f"loader/{seed}/{rank}/{epoch}").getrandbits(63)
+
+
+class EpochSeededLoader(torch.utils.data.DataLoader):
+    """A map-style ``DataLoader`` over a ``DistributedSampler`` with worker seeds from ``(seed, rank, epoch)``.
+
+    The epoch is the sampler's (Lightning calls ``sampler.set_epoch`` before each epoch). See
+    :func:`worker_base_seed` for why. Mid-epoch positions are not saved (Lightning warns that it is not resumable);
+    checkpoints at epoch ends resume exactly.
+    """
+
+    def __init__(self, dataset: Any, *, sampler: torch.utils.data.DistributedSampler, seed: int = 0, rank: int = 0,
+                 **loader_kwargs: Any) -> None:
+        if "generator" in loader_kwargs:
+            raise ValueError("EpochSeededLoader seeds its workers from (seed, rank, epoch); pass seed=, not generator=")
+        self._worker_seeds = torch.Generator()
+        super().__init__(dataset, sampler=sampler, generator=self._worker_seeds, **loader_kwargs)
+        self.seed, self.rank = seed, rank
+
+    def __iter__(self) -> Iterator[Any]:
+        self._worker_seeds.manual_seed(worker_base_seed(self.seed, self.rank, int(getattr(self.sampler, "epoch", 0))))
+        return super().__iter__()
+
+
 class RankLoader(wds.WebLoader):
     """The per-rank loader: a ``wds.WebLoader`` (DataLoader with ``batch_size=None``: batches are made in the
     pipeline) that yields exactly ``num_batches`` batches per epoch via ``.with_epoch``.
@@ -264,7 +295,7 @@ class RankLoader(wds.WebLoader):
             if self._resume[0] == epoch:
                 skip = self._resume[1]
             self._resume = None
-        self._worker_seeds.manual_seed(random.Random(f"loader/{self.seed}/{self.rank}/{epoch}").getrandbits(63))
+        self._worker_seeds.manual_seed(worker_base_seed(self.seed, self.rank, epoch))
         n = 0
         self._yielded = 0
         for batch in super().__iter__():

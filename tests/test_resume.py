@@ -19,13 +19,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from mmembed.callbacks.resume import ResumeState, capture_rng_state, restore_rng_state, saved_mlflow_run_id
 from mmembed.datamodules.common import RankLoader, SharedEpoch
 from mmembed.datamodules.contrastive import ContrastiveDataModule
+from mmembed.datamodules.instruction import InstructionDataModule
 from transformers import get_cosine_schedule_with_warmup
 
 from mmembed.backbone import build_backbone
 from mmembed.losses.infonce import InfoNCELoss
 from mmembed.modules import ContrastiveModule
 
-from .test_datamodules import _write
+from .test_datamodules import _instruct, _write
 
 
 def _draws() -> tuple:
@@ -70,6 +71,22 @@ def test_loader_epochs_leave_the_global_rng_alone_and_seed_workers_by_epoch():
     assert _iterate(global_seed=0, epoch=2)[0] != seeds  # and a new one each epoch
     with pytest.raises(ValueError, match="pass seed=, not generator="):
         RankLoader(_WorkerSeeds(), num_batches=2, shared_epoch=SharedEpoch(), generator=torch.Generator())
+
+
+def test_stage1_loader_epochs_leave_the_global_rng_alone(tmp_path):
+    """The same rule for the stage-1 (map-style) loader: its worker seeds come from (seed, rank, sampler epoch)."""
+    from mmembed.backbone import build_input_builder
+
+    dm = InstructionDataModule(str(_instruct(tmp_path)), batch_size=2, num_workers=0, seed=4,
+                               input_builder=build_input_builder("tiny", vtc_factor=2))
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(1)  # what Lightning does before each epoch
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    first = [b["input_ids"] for b in loader]
+    assert torch.equal(torch.get_rng_state(), before), "iterating the loader drew from the global torch RNG"
+    again = [b["input_ids"] for b in loader]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
 class _Losses(L.Callback):
