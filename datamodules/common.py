@@ -226,6 +226,16 @@ class RankLoader(wds.WebLoader):
     instead of drawing it from the global torch RNG: worker seeds are then reproducible on resume, and creating the
     iterator does not shift the model's RNG stream (dropout) depending on when the loader was (re)started.
 
+    Why a hand-made position rather than torchdata's ``StatefulDataLoader`` (tried, torchdata 0.11.0): (1) for an
+    ``IterableDataset`` without a state of its own, such as this WebDataset pipeline, it also fast-forwards by
+    regenerating the skipped items (it says "naively fast-forwarding"), so the replay costs the same; (2) its saved
+    position is that of the iterator, resumed by whichever ``iter()`` comes next, while this stream restarts every
+    epoch as a function of ``(seed, epoch)``: a position saved at the end of an epoch must not skip batches of the
+    next one; (3) Lightning drops a loader's own state when ``configure_optimizers`` reads
+    ``trainer.estimated_stepping_batches`` (the loader is built before the loops are restored), so the position has
+    to travel in the DataModule's state whichever loader holds it. Lightning counts any loader with
+    ``state_dict`` / ``load_state_dict`` as resumable, so it does not warn for this one.
+
     Args:
         dataset: The per-worker pipeline (infinite when ``num_batches`` is set).
         num_batches: Batches per epoch on this rank; ``None`` = one natural pass (no ``len``).
