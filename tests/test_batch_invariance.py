@@ -150,7 +150,7 @@ def _payload_item(item: Item) -> dict | str:
             **({"instruction": item.instruction} if item.instruction else {})}
 
 
-@pytest.mark.slow  # starts mmembed-serve (the tiny model in a LitServe worker): ~30 s
+@pytest.mark.slow  # starts mmembed-serve (the tiny model in a LitServe worker): 45 s measured under load
 def test_server_embeddings_are_batch_invariant_over_http(items, alone, tmp_path):
     pytest.importorskip("litserve")
     requests = pytest.importorskip("requests")
