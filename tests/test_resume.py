@@ -119,7 +119,8 @@ def _fit(shards: Path, max_steps: int, ckpt_dir: Path | None = None, ckpt_path: 
     module = ContrastiveModule(backbone, loss=InfoNCELoss(temperature=0.05),
                                scheduler=partial(get_cosine_schedule_with_warmup, num_warmup_steps=2))
     data = ContrastiveDataModule(str(shards / "*.tar"), batch_size=4, num_workers=0, shuffle_buffer=8,
-                                 samples_per_epoch=20)  # 5 batches per epoch: the resume crosses an epoch boundary
+                                 samples_per_epoch=20,  # 5 batches per epoch: the resume crosses an epoch boundary
+                                 input_builder=backbone.input_builder)
     losses = _Losses()
     callbacks: list = [losses] + ([ResumeState()] if resume_state else [])
     if stop_at is not None:
@@ -140,7 +141,7 @@ def shards(tmp_path_factory) -> Path:
     return _write(tmp_path_factory.mktemp("shards"), per_shard=8)
 
 
-@pytest.mark.slow  # four short fits: ~30 s on an idle 2-core machine, 188 s measured under a shared load
+@pytest.mark.slow  # four short fits: 47 s measured on 2 cores under a shared load (load average ~7)
 def test_resume_mid_epoch_gives_the_uninterrupted_losses(shards, tmp_path):
     full = _fit(shards, max_steps=8).steps
     # The run that is "killed" after its step-3 checkpoint: same settings (the LR schedule spans max_steps).
