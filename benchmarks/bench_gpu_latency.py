@@ -27,6 +27,10 @@ Run on a GPU machine from the repository root::
     python -m benchmarks.bench_gpu_latency                                       # internvl3_2b, bf16, SDPA
     python -m benchmarks.bench_gpu_latency --presets internvl3_1b,internvl3_2b,internvl3_8b --compile --cuda-graphs
     python -m benchmarks.bench_gpu_latency --presets tiny --device cpu --latency-reps 3   # CPU smoke run (tests)
+    python -m benchmarks.bench_gpu_latency --in-tower 6,12            # + VTC with in-tower compression (issue 27)
+
+``--in-tower K,..`` adds VTC + in-tower compression after vision block K (``mmembed/backbone/vtc.py``) as further
+configurations beside native and VTC, same weights; its rows and ``RATIO`` lines are keyed ``2@K``.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import torch
 
 from benchmarks.common import (
     TrainStep,
-    analytic_gflops,
+    Variant,
     device_description,
     document_pages,
     log,
@@ -54,7 +58,6 @@ from benchmarks.common import (
     tile_side,
 )
 
-FACTORS = (2, 1)
 KINDS = ("mmeb_query", "mmeb_candidate", "visdoc_query", "visdoc_candidate")
 # Dense bf16 tensor-core peaks from the vendors' data sheets (SXM parts); anything else: pass --peak-tflops.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
@@ -95,9 +98,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--counts", default=None,
                    help="JSON {kind: items} for the evaluation projection instead of the defaults (eval_item_counts)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--in-tower", default="",
+                   help="comma-separated vision blocks k: also measure VTC + in-tower compression after block k")
     p.add_argument("--json", default=None, help="also write all figures to this JSON file")
     args = p.parse_args(argv)
     args.preset_list = [x.strip() for x in args.presets.split(",") if x.strip()]
+    try:
+        blocks = [int(k) for k in args.in_tower.split(",") if k.strip()]
+    except ValueError:
+        raise SystemExit(f"--in-tower {args.in_tower!r}: give comma-separated vision block indices") from None
+    # Results are keyed by variant: 2 (VTC), 1 (native), "2@k" (in-tower); a bad k fails when the model is built.
+    args.factors = [2, 1, *(Variant(2, k).key for k in blocks)]
     if not args.preset_list:
         raise SystemExit("--presets is empty; e.g. --presets internvl3_2b")
     for name in ("latency_reps", "batch_size", "throughput_reps", "train_batch", "train_steps"):
@@ -136,19 +147,17 @@ def role_of(kind: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- FLOPs
-def item_gflops(preset: str, vtc_factor: int, tiles: int, seq_len: int) -> float:
+def item_gflops(preset: str, vtc_factor: int | str, tiles: int, seq_len: int) -> float:
     """Forward GFLOPs of one item from the config: vision tower per tile, projector per visual token, LLM per token
-    (projections + MLP) and causal attention over ``seq_len`` (multiply-adds x 2; norms and softmax left out)."""
-    from benchmarks.common import _config
-    from mmembed.backbone.vtc import tokens_per_tile
+    (projections + MLP) and causal attention over ``seq_len`` (multiply-adds x 2; norms and softmax left out).
+    ``vtc_factor`` is a variant key (``2``, ``1`` or ``"2@k"`` for in-tower); see ``benchmarks.common.item_gflops``."""
+    from benchmarks.common import item_gflops as variant_gflops
 
-    f = analytic_gflops(preset)
-    cfg = _config(preset)
-    c, d = cfg.vision_config.hidden_size, cfg.text_config.hidden_size
-    # The projector runs on pixel-shuffled tokens (4C wide): LayerNorm, Linear(4C -> D), GELU, Linear(D -> D).
-    projector = 2 * tokens_per_tile(cfg, vtc_factor) * (4 * c * d + d * d) / 1e9
-    attention = f["llm_attn_token_per_pos"] * seq_len * (seq_len + 1) / 2
-    return tiles * (f["vision_tile"] + projector) + seq_len * f["llm_token"] + attention
+    return variant_gflops(preset, Variant.parse(vtc_factor), tiles, seq_len)
+
+
+def label(s: int | str) -> str:
+    return Variant.parse(s).label
 
 
 def peak_tflops(args: argparse.Namespace, device: torch.device) -> tuple[float | None, str]:
@@ -210,14 +219,15 @@ def set_attention(model, attn: str) -> str:
     return str(getattr(model.config, "_attn_implementation", "unknown"))
 
 
-def build_embedder(preset: str, s: int, device: torch.device, dtype: torch.dtype, attn: str, seed: int):
-    from mmembed.backbone import build_backbone, build_input_builder
+def build_embedder(preset: str, s: int | str, device: torch.device, dtype: torch.dtype, attn: str, seed: int):
+    from mmembed.backbone import build_backbone
 
+    v = Variant.parse(s)
     with device:  # random init directly on the device: seconds for 8B on a GPU instead of minutes on a CPU
-        backbone = build_backbone(preset, s, finetune=None, dtype=dtype, seed=seed)
+        backbone = build_backbone(preset, v.factor, finetune=None, dtype=dtype, seed=seed, in_tower_layer=v.in_tower)
     backbone.eval()
     in_effect = set_attention(backbone.hf_model, attn)
-    return backbone, build_input_builder(preset, s), in_effect
+    return backbone, backbone.input_builder, in_effect
 
 
 def fits_in_memory(preset: str, device: torch.device) -> tuple[bool, str]:
@@ -241,7 +251,7 @@ def measure_inference(args, preset: str, device: torch.device, dtype: torch.dtyp
     items = make_items(preset, n, args.seed)
     res: dict = {"latency_ms": {}, "prep_ms": {}, "items_s": {}, "gflops": {}, "tflops": {}, "peak_fraction": {},
                  "tokens": {}, "tiles": {}, "compile_ms": {}, "graphs_ms": {}, "sorted_items_s": {}}
-    for s in FACTORS:
+    for s in args.factors:
         backbone, builder, attn = build_embedder(preset, s, device, dtype, args.attn, args.seed)
         res["attention"] = attn
         for kind in KINDS:
@@ -317,15 +327,14 @@ def sorted_vs_input_order(backbone, builder, items, args, device: torch.device) 
 # ---------------------------------------------------------------------------------------------------------- training
 def measure_training(args, preset: str, device: torch.device, dtype: torch.dtype) -> dict:
     """Per factor: the largest batch (doubling) a training step fits, its samples/s and peak memory."""
-    from mmembed.backbone import build_input_builder
-
     limit = args.train_max_batch or (1024 if device.type == "cuda" else args.train_batch)
     out = {}
-    for s in FACTORS:
+    for s in args.factors:
         finetune = {"mode": "lora", "lora_r": 16, "gradient_checkpointing": args.grad_ckpt}
+        v = Variant.parse(s)
         with device:
-            step = TrainStep(preset, s, device, dtype, args.seed, finetune=finetune)
-        builder = build_input_builder(preset, s)
+            step = TrainStep(preset, v.factor, device, dtype, args.seed, finetune=finetune, in_tower_layer=v.in_tower)
+        builder = step.backbone.input_builder
         best, bs = None, args.train_batch
         while bs <= limit:
             items = make_items(preset, bs, args.seed + bs)
@@ -360,11 +369,12 @@ def fmt(x, spec: str = ".1f") -> str:
     return x if isinstance(x, str) else format(x, spec)
 
 
-def report(preset: str, inf: dict, train: dict | None, counts: dict, counts_note: str, peak_note: str) -> dict:
+def report(preset: str, inf: dict, train: dict | None, counts: dict, counts_note: str, peak_note: str,
+           factors: list | tuple = (2, 1)) -> dict:
     rows = []
     for kind in KINDS:
-        for s in FACTORS:
-            rows.append([kind, f"{s} ({'VTC' if s > 1 else 'native'})", str(inf["tiles"][kind, s]),
+        for s in factors:
+            rows.append([kind, label(s), str(inf["tiles"][kind, s]),
                          str(inf["tokens"][kind, s]), fmt(inf["latency_ms"][kind, s], ".2f"),
                          fmt(inf["compile_ms"].get((kind, s)), ".2f"), fmt(inf["graphs_ms"].get((kind, s)), ".2f"),
                          fmt(inf["prep_ms"][kind, s], ".2f"), fmt(inf["items_s"][kind, s]),
@@ -385,6 +395,11 @@ def report(preset: str, inf: dict, train: dict | None, counts: dict, counts_note
         lines[f"latency {kind}"] = r
         print(f"RATIO {preset} {kind} batch-1 latency: native/VTC = {r:.2f}x "
               f"({inf['latency_ms'][kind, 1]:.2f} vs {inf['latency_ms'][kind, 2]:.2f} ms)")
+        for s in factors:
+            if isinstance(s, str):  # in-tower variants
+                r = lines[f"latency {kind} {s}"] = inf["latency_ms"][kind, 1] / inf["latency_ms"][kind, s]
+                print(f"RATIO {preset} {kind} batch-1 latency, {label(s)}: native/variant = {r:.2f}x "
+                      f"({inf['latency_ms'][kind, 1]:.2f} vs {inf['latency_ms'][kind, s]:.2f} ms)")
     goals = preset == "internvl3_2b"  # the issue's goals are stated for the 2B model
     q = inf["latency_ms"]["mmeb_query", 2]
     if goals:
@@ -398,7 +413,7 @@ def report(preset: str, inf: dict, train: dict | None, counts: dict, counts_note
         print(f"SORT {preset} s={s}: mixed corpus {how['input order']:.1f} items/s in input order, "
               f"{how['sorted by length']:.1f} sorted by length ({how['sorted by length'] / how['input order']:.2f}x)")
     projection = {}
-    for s in FACTORS:
+    for s in factors:
         seconds = {k: counts[k] / inf["items_s"][k, s] for k in KINDS}
         mmeb = seconds["mmeb_query"] + seconds["mmeb_candidate"]
         visdoc = seconds["visdoc_query"] + seconds["visdoc_candidate"]
@@ -411,9 +426,9 @@ def report(preset: str, inf: dict, train: dict | None, counts: dict, counts_note
               f"({'met' if m <= GOAL_EVAL_MIN else 'NOT met'})")
     if train:
         rows = []
-        for s in FACTORS:
+        for s in factors:
             t = train[s]
-            rows.append([f"{s} ({'VTC' if s > 1 else 'native'})", fmt(t and t["batch"], "d"),
+            rows.append([label(s), fmt(t and t["batch"], "d"),
                          fmt(t and t["samples_s"]), fmt(t and t["peak_bytes"] and t["peak_bytes"] / 2**30, ".2f")])
         print_table(f"{preset}: training step (ContrastiveModule.training_step + AdamW, LoRA r=16) at the largest "
                     f"batch that fits", ["s", "largest batch", "samples/s", "peak GiB"], rows)
@@ -422,6 +437,10 @@ def report(preset: str, inf: dict, train: dict | None, counts: dict, counts_note
             goal = f" (goal >= {GOAL_TRAIN_RATIO:g}x: {'met' if r >= GOAL_TRAIN_RATIO else 'NOT met'})" if goals else ""
             print(f"RATIO {preset} training samples/s at the largest batch: VTC/native = {r:.2f}x{goal}")
             lines["train"] = r
+        for s in factors:
+            if isinstance(s, str) and train[1] and train[s]:
+                r = lines[f"train {s}"] = train[s]["samples_s"] / train[1]["samples_s"]
+                print(f"RATIO {preset} training samples/s at the largest batch, {label(s)}: variant/native = {r:.2f}x")
     return {"ratios": lines, "projection": projection}
 
 
@@ -459,7 +478,7 @@ def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> d
         t0 = time.perf_counter()
         inf = measure_inference(args, preset, device, dtype, peak)
         train = measure_training(args, preset, device, dtype) if preset in args.train_list else None
-        summary = report(preset, inf, train, counts, counts_note, peak_note)
+        summary = report(preset, inf, train, counts, counts_note, peak_note, args.factors)
         results["presets"][preset] = {"inference": inf, "training": train, **summary}
         log(f"{preset} done in {time.perf_counter() - t0:.0f} s")
     print(f"wall time of the benchmark (after imports): {time.perf_counter() - start:.0f} s")

@@ -29,6 +29,7 @@ Run from the repository root::
     .venv/bin/python -m benchmarks.bench_vtc_train                               # mini, CPU defaults
     .venv/bin/python -m benchmarks.bench_vtc_train --mixes mixed --memory off    # throughput of the default mix
     .venv/bin/python -m benchmarks.bench_vtc_train --mini-shape 2b-proportional
+    .venv/bin/python -m benchmarks.bench_vtc_train --mini-shape 2b-proportional --in-tower 0,1   # + in-tower
     python -m benchmarks.bench_vtc_train --batch-size 32                         # GPU box (bf16 autocast)
 """
 
@@ -53,9 +54,12 @@ from benchmarks.common import (
     REPO_ROOT,
     Timings,
     TrainStep,
+    Variant,
     add_common_args,
+    add_variant_args,
     benchmark_session,
     check_common_args,
+    check_variant_args,
     count_image_tokens,
     device_description,
     document_pages,
@@ -73,7 +77,6 @@ from benchmarks.common import (
 from mmembed.memory import read_peak, reset_peak
 
 GOAL = 1.8  # from the issue: training-step samples/s of VTC over native on CPU
-FACTORS = (2, 1)
 CHILD_TAG = "MEMORY_JSON "
 
 
@@ -113,6 +116,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(parser, reps=3)
+    add_variant_args(parser)
     parser.add_argument("--batch-size", type=int, default=4, help="samples (query + positive candidate) per step")
     parser.add_argument("--mixes", default="mixed,natural,document",
                         help=f"comma-separated task mixes to report, out of {sorted(MIXES)}")
@@ -128,6 +132,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)  # "S:TASK", internal
     args = parser.parse_args(argv)
     check_common_args(args)
+    check_variant_args(args)
     args.mix_list = [m.strip() for m in args.mixes.split(",") if m.strip()]
     unknown = [m for m in args.mix_list if m not in MIXES]
     if unknown or not args.mix_list:
@@ -201,11 +206,10 @@ def build_batch(builder, queries: list, cands: list, device: torch.device) -> Ba
 class Trainer:
     """One ``ContrastiveModule`` with LoRA and its optimiser (``benchmarks.common.TrainStep``) plus its inputs."""
 
-    def __init__(self, preset: str, vtc_factor: int, device: torch.device, dtype: torch.dtype, seed: int) -> None:
-        from mmembed.backbone import build_input_builder
-
-        self.train_step = TrainStep(preset, vtc_factor, device, dtype, seed)
-        self.builder = build_input_builder(preset, vtc_factor)
+    def __init__(self, preset: str, key: int | str, device: torch.device, dtype: torch.dtype, seed: int) -> None:
+        v = Variant.parse(key)
+        self.train_step = TrainStep(preset, v.factor, device, dtype, seed, in_tower_layer=v.in_tower)
+        self.builder = self.train_step.backbone.input_builder
 
     def step(self, batch: Batch) -> float:
         return self.train_step(batch.data)
@@ -239,16 +243,17 @@ def half_and_full(trainer: Trainer, preset: str, task: str, batch_size: int, see
 
 def memory_child(args: argparse.Namespace, name: str, device: torch.device, dtype: torch.dtype) -> None:
     """In a fresh process: step memory for one (factor, task) at half and full batch; prints one JSON line."""
-    s_text, task = args.memory_child.split(":", 1)
-    trainer = Trainer(name, int(s_text), device, dtype, args.seed)
+    key_text, task = args.memory_child.split(":", 1)
+    key = Variant.parse(key_text).key
+    trainer = Trainer(name, key, device, dtype, args.seed)
     result = measure_step_memory(trainer, half_and_full(trainer, name, task, args.batch_size, args.seed, device),
                                  device)
-    print(CHILD_TAG + json.dumps({"s": int(s_text), "task": task, **result}), flush=True)
+    print(CHILD_TAG + json.dumps({"s": key, "task": task, **result}), flush=True)
 
 
 def run_memory_children(args: argparse.Namespace, argv: list[str], device: torch.device) -> list[dict]:
     """One subprocess per (factor, task); returns their JSON results (failures reported, not raised)."""
-    configs = [(s, task) for task in args.task_list for s in FACTORS]
+    configs = [(v.key, task) for task in args.task_list for v in args.variants]
     jobs = args.mem_jobs or (1 if device.type == "cuda" else min(len(configs), os.cpu_count() or 1))
     threads = max(1, torch.get_num_threads() // jobs)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
@@ -280,7 +285,7 @@ def print_memory(args: argparse.Namespace, results: list[dict], budget: int, dev
     what = "max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)"
     rows, fits = [], {}
     for r in results:
-        label = f"{r['s']} ({'VTC' if r['s'] > 1 else 'native'})"
+        label = Variant.parse(r["s"]).label
         if "error" in r:
             rows.append([r["task"], label, "failed", "", "", "", r["error"][:80]])
             continue
@@ -300,16 +305,21 @@ def print_memory(args: argparse.Namespace, results: list[dict], budget: int, dev
     )
     for mix in args.mix_list:
         tasks = list(mix_weights(args, mix))
-        per = {s: [fits.get((t, s)) for t in tasks] for s in FACTORS}
+        keys = [v.key for v in args.variants]
+        per = {s: [fits.get((t, s)) for t in tasks] for s in keys}
         if any(f is None for fs in per.values() for f in fs):
             continue
-        peak = {s: max(f["peak"] for f in per[s]) for s in FACTORS}
+        peak = {s: max(f["peak"] for f in per[s]) for s in keys}
         line = (f"MEMORY {mix}: worst-task step peak native/VTC = {peak[1] / peak[2]:.2f}x "
                 f"({mib(peak[1])} vs {mib(peak[2])})")
         if all(f["max_batch"] for fs in per.values() for f in fs):
-            mb = {s: min(f["max_batch"] for f in per[s]) for s in FACTORS}
+            mb = {s: min(f["max_batch"] for f in per[s]) for s in keys}
             line += f"; est. max batch in {gib(budget)}: VTC {mb[2]} vs native {mb[1]} ({mb[2] / mb[1]:.2f}x)"
         print(line)
+        for v in args.variants:
+            if v.in_tower is not None:
+                print(f"MEMORY {mix}, in-tower k={v.in_tower}: worst-task step peak native/variant = "
+                      f"{peak[1] / peak[v.key]:.2f}x ({mib(peak[1])} vs {mib(peak[v.key])})")
 
 
 # ---------------------------------------------------------------------------------------------------------- main
@@ -318,7 +328,7 @@ def mix_timings(args: argparse.Namespace, timings: Timings) -> Timings:
     wall, cpu = {}, {}
     for mix in args.mix_list:
         w = mix_weights(args, mix)
-        for s in FACTORS:
+        for s in (v.key for v in args.variants):
             wall[mix, s] = [sum(w[t] * timings.seconds[t, s][i] for t in w) for i in range(args.reps)]
             cpu[mix, s] = [sum(w[t] * timings.cpu_seconds[t, s][i] for t in w) for i in range(args.reps)]
     return Timings(wall, cpu)
@@ -343,8 +353,9 @@ def run(args: argparse.Namespace, argv: list[str], name: str, device: torch.devi
     print(f"device: {device_description(device)} | {mode} | preset {name} | LoRA r={LORA['lora_r']} on the LLM")
 
     t0 = time.perf_counter()
-    trainers = {s: Trainer(name, s, device, dtype, args.seed) for s in FACTORS}
-    log(f"built both models in {time.perf_counter() - t0:.1f} s")
+    keys = [v.key for v in args.variants]
+    trainers = {s: Trainer(name, s, device, dtype, args.seed) for s in keys}
+    log(f"built {len(trainers)} models in {time.perf_counter() - t0:.1f} s")
     batches, stats = {}, {}
     for task in args.task_list:
         queries, cands = make_samples(name, task, args.batch_size, args.seed)
@@ -357,7 +368,7 @@ def run(args: argparse.Namespace, argv: list[str], name: str, device: torch.devi
 
     # Native and VTC of one task sit next to each other, so they run back to back in every repetition.
     fns = {(task, s): (lambda t=task, s=s: trainers[s].step(batches[t, s])) for task in args.task_list
-           for s in FACTORS}
+           for s in keys}
     log(f"timing {len(fns)} configurations x ({args.warmup} warm-up + {args.reps}) repetitions, interleaved")
     t0 = time.perf_counter()
     timings = run_interleaved(fns, args.reps, args.warmup, device, progress=log)
@@ -367,23 +378,24 @@ def run(args: argparse.Namespace, argv: list[str], name: str, device: torch.devi
     bs = args.batch_size
     rows, results = [], {"tokens": {}, "ratios": {}, "samples_per_s": {}}
     for task in args.task_list:
-        for s in FACTORS:
+        for s in keys:
             sec = timings.median((task, s))
             vis, real = stats[task, s]
-            speedup = f"{timings.ratio((task, 1), (task, 2)):.2f}x" if s > 1 else ""
-            rows.append([task, TASKS[task].kind, f"{s} ({'VTC' if s > 1 else 'native'})", f"{vis:g}", f"{real:.0f}",
+            speedup = f"{timings.ratio((task, 1), (task, s)):.2f}x" if s != 1 else ""
+            rows.append([task, TASKS[task].kind, Variant.parse(s).label, f"{vis:g}", f"{real:.0f}",
                          f"{sec:.2f}", f"{bs / sec:.2f}", speedup, f"{timings.spread((task, s)):.0%}"])
             results["tokens"][task, s] = vis
     for mix in args.mix_list:
         comp = " + ".join(f"{w:.0%} {t}" for t, w in mix_weights(args, mix).items())
-        for s in FACTORS:
+        for s in keys:
             sec = mixes.median((mix, s))
-            speedup = f"{mixes.ratio((mix, 1), (mix, 2)):.2f}x" if s > 1 else ""
-            rows.append([f"mix: {mix}", comp, f"{s} ({'VTC' if s > 1 else 'native'})", "", "", f"{sec:.2f}",
+            speedup = f"{mixes.ratio((mix, 1), (mix, s)):.2f}x" if s != 1 else ""
+            rows.append([f"mix: {mix}", comp, Variant.parse(s).label, "", "", f"{sec:.2f}",
                          f"{bs / sec:.2f}", speedup, f"{mixes.spread((mix, s)):.0%}"])
             results["samples_per_s"][mix, s] = bs / sec
     print_table(
-        f"Contrastive training step, {name}: VTC (s=2) vs native (s=1); median of {args.reps} interleaved reps, "
+        f"Contrastive training step, {name}: VTC (s=2) vs native (s=1)"
+        f"{' and VTC + in-tower' if len(keys) > 2 else ''}; median of {args.reps} interleaved reps, "
         f"batch {bs} of one task",
         ["task / mix", "candidates", "s", "visual tok/sample", "tokens/sample (q+c)", "step s", "samples/s",
          "VTC speed-up", "spread"],
@@ -396,6 +408,11 @@ def run(args: argparse.Namespace, argv: list[str], name: str, device: torch.devi
     for mix in args.mix_list:
         results["ratios"][mix] = mixes.ratio((mix, 1), (mix, 2))
         print(ratio_line(f"{mix} train samples/s", mixes, (mix, 1), (mix, 2), GOAL, device))
+        for v in args.variants:
+            if v.in_tower is not None:
+                results["ratios"][mix, v.key] = mixes.ratio((mix, 1), (mix, v.key))
+                print(ratio_line(f"{mix} train samples/s, in-tower k={v.in_tower}", mixes, (mix, 1), (mix, v.key),
+                                 None, device))
 
     if args.memory != "off":
         t0 = time.perf_counter()
@@ -405,7 +422,7 @@ def run(args: argparse.Namespace, argv: list[str], name: str, device: torch.devi
         else:
             mem = [{"s": s, "task": task, **measure_step_memory(
                        trainers[s], half_and_full(trainers[s], name, task, bs, args.seed, device), device)}
-                   for task in args.task_list for s in FACTORS]
+                   for task in args.task_list for s in keys]
         log(f"memory measured in {time.perf_counter() - t0:.1f} s")
         budget = int(args.mem_budget_gib * 2**30) if args.mem_budget_gib else total_memory_bytes(device)
         print_memory(args, mem, budget, device)

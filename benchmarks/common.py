@@ -64,6 +64,60 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"--mini-shape {args.mini_shape} only applies to --preset mini (got --preset {args.preset})")
 
 
+def add_variant_args(parser: argparse.ArgumentParser) -> None:
+    """``--in-tower``: the VTC benchmarks' extra configurations beside native and VTC."""
+    parser.add_argument("--in-tower", default="",
+                        help="comma-separated vision blocks k: also run VTC + in-tower compression after block k "
+                             "(0 = patch embeddings, L = last layer; mmembed/backbone/vtc.py) beside native and VTC")
+
+
+def check_variant_args(args: argparse.Namespace) -> None:
+    """Validate ``--in-tower`` against the preset's vision depth; sets ``args.variants`` (VTC, native, in-tower)."""
+    layers = _config(resolve_preset(args.preset, args.mini_shape)).vision_config.num_hidden_layers
+    try:
+        blocks = [int(k) for k in args.in_tower.split(",") if k.strip()]
+    except ValueError:
+        raise SystemExit(f"--in-tower {args.in_tower!r}: give comma-separated block indices 0..{layers}") from None
+    if any(not 0 <= k <= layers for k in blocks) or len(set(blocks)) != len(blocks):
+        raise SystemExit(f"--in-tower {args.in_tower!r}: distinct block indices 0..{layers} (this preset's vision "
+                         f"tower has {layers} layers)")
+    args.variants = [VTC, NATIVE, *(Variant(2, k) for k in blocks)]  # VTC first, as before
+
+
+# ------------------------------------------------------------------------------------------------------- variants
+@dataclass(frozen=True)
+class Variant:
+    """One model configuration of a benchmark run: compression factor and optional in-tower block.
+
+    Attributes:
+        factor: VTC factor (1 = native InternVL3, 2 = paper).
+        in_tower: vision block after which the tower downsamples (``None``: VTC between tower and connector).
+    """
+
+    factor: int
+    in_tower: int | None = None
+
+    @property
+    def key(self) -> int | str:
+        """Results key: the factor for native / VTC (as the benchmarks always keyed them), ``"2@k"`` for in-tower."""
+        return self.factor if self.in_tower is None else f"{self.factor}@{self.in_tower}"
+
+    @property
+    def label(self) -> str:
+        if self.in_tower is not None:
+            return f"{self.factor} + in-tower k={self.in_tower}"
+        return f"{self.factor} ({'VTC' if self.factor > 1 else 'native'})"
+
+    @classmethod
+    def parse(cls, key: str) -> Variant:
+        """The variant of a ``key`` string (``"1"``, ``"2"``, ``"2@1"``)."""
+        factor, _, k = str(key).partition("@")
+        return cls(int(factor), int(k) if k else None)
+
+
+NATIVE, VTC = Variant(1), Variant(2)
+
+
 # -------------------------------------------------------------------------------------------------------- devices
 def setup_device(device: str, dtype: str, threads: int | None) -> tuple[torch.device, torch.dtype]:
     """Resolve ``auto`` device and dtype and set the thread count.
@@ -260,6 +314,50 @@ def analytic_gflops(preset: str) -> dict[str, float]:
     }
 
 
+def vision_tile_gflops(preset: str, factor: int = 1, in_tower: int | None = None) -> float:
+    """Forward GFLOPs of the vision tower on one tile, with in-tower compression after block ``in_tower``.
+
+    Layers after block ``k`` run on ``1 + N / factor**2`` tokens (CLS + pooled patches) instead of ``1 + N``; the
+    pooling itself (an average) is negligible and left out, like norms and softmax.
+    """
+    cfg = _config(preset)
+    v = cfg.vision_config
+    c, inter, layers = v.hidden_size, v.intermediate_size, v.num_hidden_layers
+    patch, side = _first(v.patch_size), _first(v.image_size)
+    patches = (side // patch) ** 2
+    total = 2 * 3 * patch * patch * c * patches
+    for layer in range(1, layers + 1):
+        n = patches + 1 if in_tower is None or layer <= in_tower else patches // factor**2 + 1
+        total += 2 * (4 * c * c + 2 * c * inter) * n + 4 * n * n * c
+    return total / 1e9
+
+
+def item_gflops(preset: str, variant: Variant, tiles: float, seq_len: float) -> float:
+    """Forward GFLOPs of one item: vision tower per tile (``vision_tile_gflops``), projector per visual token, LLM
+    per token (projections + MLP) and causal attention over ``seq_len`` (multiply-adds x 2)."""
+    f = analytic_gflops(preset)
+    cfg = _config(preset)
+    c, d = cfg.vision_config.hidden_size, cfg.text_config.hidden_size
+    # The projector runs on pixel-shuffled tokens (4C wide): LayerNorm, Linear(4C -> D), GELU, Linear(D -> D).
+    projector = 2 * tokens_per_tile(cfg, variant.factor) * (4 * c * d + d * d) / 1e9
+    attention = f["llm_attn_token_per_pos"] * seq_len * (seq_len + 1) / 2
+    vision = vision_tile_gflops(preset, variant.factor, variant.in_tower)
+    return tiles * (vision + projector) + seq_len * f["llm_token"] + attention
+
+
+def flop_ratio_line(label: str, achieved: float, flop_ratio: float, goal: float | None = 0.85,
+                    achieved_cpu: float | None = None) -> str:
+    """``FLOPS <label>: achieved 2.10x of a 2.25x FLOP ratio = 93% (goal >= 85%: met) [CPU time: 2.04x = 91%]``.
+
+    ``achieved`` is the wall-clock speed-up (paired median, ``Timings.ratio``); on CPU pass the CPU-time one too, the
+    figure other processes on a shared machine hardly move.
+    """
+    frac = achieved / flop_ratio
+    verdict = "" if goal is None else f" (goal >= {goal:.0%}: {'met' if frac >= goal else 'NOT met'})"
+    cpu = "" if achieved_cpu is None else f" [CPU time: {achieved_cpu:.2f}x = {achieved_cpu / flop_ratio:.0%}]"
+    return f"FLOPS {label}: achieved {achieved:.2f}x of a {flop_ratio:.2f}x FLOP ratio = {frac:.0%}{verdict}{cpu}"
+
+
 def print_shape_table(presets: list[str]) -> None:
     """Analytic proportions that decide how much VTC can save, for the benchmarked shape and InternVL3-2B."""
     rows = []
@@ -349,11 +447,12 @@ class TrainStep:
         seed: weights and LoRA init (the same seed gives identical models for every factor).
         finetune: ``FinetuneConfig`` fields (default: LoRA r=16 on the LLM, the stage-2 recipe).
         gradient_checkpointing: recompute activations in backward (memory for time).
+        in_tower_layer: in-tower compression after this vision block (``None``: off).
     """
 
     def __init__(self, preset: str, vtc_factor: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, seed: int = 0, finetune: dict | None = None,
-                 gradient_checkpointing: bool = False) -> None:
+                 gradient_checkpointing: bool = False, in_tower_layer: int | None = None) -> None:
         from functools import partial
 
         from mmembed.backbone import build_backbone
@@ -367,7 +466,7 @@ class TrainStep:
         # too (in a forked RNG state, so the caller's random stream is left as it was).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            backbone = build_backbone(preset, vtc_factor, finetune=ft, seed=seed)
+            backbone = build_backbone(preset, vtc_factor, finetune=ft, seed=seed, in_tower_layer=in_tower_layer)
         self.device = torch.device(device)
         self.module = ContrastiveModule(backbone, loss=InfoNCELoss(temperature=TEMPERATURE, gather=False),
                                         optimizer=partial(torch.optim.AdamW, lr=LEARNING_RATE))

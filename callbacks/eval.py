@@ -27,10 +27,13 @@ embedding every item once. ``reranker="module"`` evaluates the reranker being tr
 ``RerankerModule``) behind a fixed first stage given by ``embedder=`` (a folder or preset, loaded once; its
 embeddings are computed once for the whole training run).
 
-Distributed training: only global rank 0 evaluates (the other ranks wait in the broadcast of its numbers, so they
-stay in step and every rank's ``callback_metrics`` holds the same values - ModelCheckpoint then decides identically
-on all ranks). Rank 0 calls the backbone directly, outside the DDP wrapper, so no collective runs inside the
-evaluation. Sharded strategies (FSDP, DeepSpeed ZeRO-3) need every rank in each forward and are not supported.
+Distributed training (DDP): every rank embeds a share of each set (``shard=True``, the default;
+``mmembed.eval.distributed.ShardedEncoder``: batch ``b`` on rank ``b % N``, rows all-gathered, the same batches as
+one process, so the same numbers), every rank scores, and rank 0 alone writes the files, uploads and logs. Ranks call
+the backbone directly, outside the DDP wrapper, so the only collectives are the encoder's gathers. Rank 0's numbers
+are then broadcast, so every rank's ``callback_metrics`` holds the same values (ModelCheckpoint decides identically on
+all ranks). ``shard=False``: rank 0 evaluates alone while the others wait in that broadcast. Sharded strategies
+(FSDP, DeepSpeed ZeRO-3) need every rank in each forward and are not supported; they evaluate on rank 0 only.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ class BenchmarkEvalCallback(L.Callback):
         er_prefix: Key prefix of the E+R numbers (default ``val/<benchmark>_er``).
         prefix: Metric key prefix (default ``val/<benchmark>``).
         log_artifacts: Upload the files to MLflow when a logger is an ``MLFlowLogger``.
+        shard: Under DDP, share the embedding out over all ranks (default) instead of evaluating on rank 0 alone.
     """
 
     benchmark = "benchmark"
@@ -89,6 +93,7 @@ class BenchmarkEvalCallback(L.Callback):
         rerank_mode: str = "pointwise",
         embedder: str | Path | None = None,
         er_prefix: str | None = None,
+        shard: bool = True,
     ) -> None:
         for name, value in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs)):
             if value is not None and value < 0:
@@ -108,6 +113,7 @@ class BenchmarkEvalCallback(L.Callback):
         self.log_artifacts = log_artifacts
         self.rerank_mode = rerank_mode
         self.embedder_source = embedder
+        self.shard = shard
         self._fixed_embedder: CachedEncoder | None = None
         self._loaded_reranker: SupportsRerank | None = None
         self.history: list[dict[str, Any]] = []  # {"when", "step", "epoch", "metrics"} per evaluation, all ranks
@@ -130,16 +136,26 @@ class BenchmarkEvalCallback(L.Callback):
         """The runner's data arguments."""
         raise NotImplementedError
 
-    def first_stage(self, pl_module: L.LightningModule) -> Any:
-        """The embedder to evaluate: the fixed one (loaded once, embeddings cached) or the module's own."""
+    def first_stage(self, pl_module: L.LightningModule, sharded: bool = False) -> Any:
+        """The embedder to evaluate: the fixed one (loaded once, embeddings cached) or the module's own; wrapped in
+        a ``ShardedEncoder`` when every rank takes part."""
+        from mmembed.eval.distributed import ShardedEncoder
+
         if self.embedder_source is None:
-            return pl_module.embedder()
+            return ShardedEncoder(pl_module.embedder()) if sharded else pl_module.embedder()
         if self._fixed_embedder is None:
             from mmembed.embedder import Embedder
 
-            self._fixed_embedder = CachedEncoder(Embedder.from_pretrained(self.embedder_source,
-                                                                          device=pl_module.device))
+            fixed = Embedder.from_pretrained(self.embedder_source, device=pl_module.device)
+            # Every rank holds the same cache (same items, same gathered rows), so they agree on what to embed.
+            self._fixed_embedder = CachedEncoder(ShardedEncoder(fixed) if sharded else fixed)
         return self._fixed_embedder
+
+    def sharded(self, trainer: L.Trainer) -> bool:
+        """Whether every rank takes part in this evaluation (DDP with ``shard=True`` and more than one process)."""
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return self.shard and trainer.world_size > 1 and isinstance(trainer.strategy, DDPStrategy)
 
     def second_stage(self, pl_module: L.LightningModule) -> SupportsRerank | None:
         """The reranker of E+R, or ``None``."""
@@ -195,30 +211,37 @@ class BenchmarkEvalCallback(L.Callback):
         return self.out_dir if self.out_dir is not None else Path(trainer.default_root_dir) / "eval"
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, when: str) -> dict[str, float]:
-        """Evaluate now (rank 0), share the numbers with every rank, log them; returns the logged values."""
+        """Evaluate now (rank 0, or all ranks sharing the embedding under DDP), share the numbers with every rank,
+        log them; returns the logged values."""
         step, epoch = trainer.global_step, trainer.current_epoch
         self._last_step = step
         values: dict[str, float] | None = None
-        if trainer.is_global_zero:
-            out = self.output_root(trainer) / f"step{step:07d}-{when}" / self.benchmark
+        sharded = self.sharded(trainer)
+        if sharded or trainer.is_global_zero:
+            # Only rank 0 writes files; the other ranks compute the same result in memory.
+            root = self.output_root(trainer) / f"step{step:07d}-{when}" / self.benchmark
+            out = root if trainer.is_global_zero else None
             extra = {"when": when, "global_step": step, "epoch": epoch}
+            if sharded:
+                extra["devices"] = trainer.world_size
             reranker = self.second_stage(pl_module)
             # The trainer's precision context (e.g. bf16 autocast) makes eval cost what a training forward costs.
             with trainer.strategy.precision_plugin.forward_context():
-                embedder = self.first_stage(pl_module)
+                embedder = self.first_stage(pl_module, sharded)
                 if reranker is None:
                     results = [(self.evaluate(embedder, out, extra), self.prefix, "")]
                 else:
                     cached = embedder if isinstance(embedder, CachedEncoder) else CachedEncoder(embedder)
-                    e = self.evaluate(cached, out / "E", extra)
-                    er = self.evaluate(cached, out / "E+R", extra, reranker=reranker)
+                    e = self.evaluate(cached, out and out / "E", extra)
+                    er = self.evaluate(cached, out and out / "E+R", extra, reranker=reranker)
                     results = [(e, self.prefix, "/E"), (er, self.er_prefix, "/E+R")]
+        if trainer.is_global_zero:
             values = {}
             for result, prefix, sub in results:
                 values.update(result.flat(prefix))
                 self.results.append(result)
                 self._upload(trainer, result, f"eval/step{step:07d}-{when}/{self.benchmark}{sub}")
-                rank_zero_info(f"[{self.benchmark}{sub}] step {step} ({when}): overall {result.overall:.2f}")
+                rank_zero_info(f"[{self.benchmark}{sub}] step {step} ({when}): {result.overall_line()}")
         values = trainer.strategy.broadcast(values, src=0)  # the other ranks wait here for rank 0
         self.publish(trainer, values, step)
         self.history.append({"when": when, "step": step, "epoch": epoch, "metrics": values})

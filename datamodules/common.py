@@ -175,6 +175,37 @@ class SeededShuffle(PipelineStage):
 
 
 # -------------------------------------------------------------------------------------------------------- loader
+def worker_base_seed(seed: int, rank: int, epoch: int) -> int:
+    """The DataLoader worker base seed of one epoch: a function of ``(seed, rank, epoch)`` alone.
+
+    Given to a DataLoader through its ``generator``, so that starting an epoch does not draw from the global torch
+    RNG (a resumed run restores that RNG to the checkpoint's state; the draw would make the two runs' dropout
+    streams differ) and a resumed run's workers get the seeds the uninterrupted run's had.
+    """
+    return random.Random(f"loader/{seed}/{rank}/{epoch}").getrandbits(63)
+
+
+class EpochSeededLoader(torch.utils.data.DataLoader):
+    """A map-style ``DataLoader`` over a ``DistributedSampler`` with worker seeds from ``(seed, rank, epoch)``.
+
+    The epoch is the sampler's (Lightning calls ``sampler.set_epoch`` before each epoch). See
+    :func:`worker_base_seed` for why. Mid-epoch positions are not saved (Lightning warns that it is not resumable);
+    checkpoints at epoch ends resume exactly.
+    """
+
+    def __init__(self, dataset: Any, *, sampler: torch.utils.data.DistributedSampler, seed: int = 0, rank: int = 0,
+                 **loader_kwargs: Any) -> None:
+        if "generator" in loader_kwargs:
+            raise ValueError("EpochSeededLoader seeds its workers from (seed, rank, epoch); pass seed=, not generator=")
+        self._worker_seeds = torch.Generator()
+        super().__init__(dataset, sampler=sampler, generator=self._worker_seeds, **loader_kwargs)
+        self.seed, self.rank = seed, rank
+
+    def __iter__(self) -> Iterator[Any]:
+        self._worker_seeds.manual_seed(worker_base_seed(self.seed, self.rank, int(getattr(self.sampler, "epoch", 0))))
+        return super().__iter__()
+
+
 class RankLoader(wds.WebLoader):
     """The per-rank loader: a ``wds.WebLoader`` (DataLoader with ``batch_size=None``: batches are made in the
     pipeline) that yields exactly ``num_batches`` batches per epoch via ``.with_epoch``.
@@ -194,6 +225,16 @@ class RankLoader(wds.WebLoader):
     Each epoch's DataLoader iterator takes its worker base seed from a generator seeded by ``(seed, rank, epoch)``
     instead of drawing it from the global torch RNG: worker seeds are then reproducible on resume, and creating the
     iterator does not shift the model's RNG stream (dropout) depending on when the loader was (re)started.
+
+    Why a hand-made position rather than torchdata's ``StatefulDataLoader`` (tried, torchdata 0.11.0): (1) for an
+    ``IterableDataset`` without a state of its own, such as this WebDataset pipeline, it also fast-forwards by
+    regenerating the skipped items (it says "naively fast-forwarding"), so the replay costs the same; (2) its saved
+    position is that of the iterator, resumed by whichever ``iter()`` comes next, while this stream restarts every
+    epoch as a function of ``(seed, epoch)``: a position saved at the end of an epoch must not skip batches of the
+    next one; (3) Lightning drops a loader's own state when ``configure_optimizers`` reads
+    ``trainer.estimated_stepping_batches`` (the loader is built before the loops are restored), so the position has
+    to travel in the DataModule's state whichever loader holds it. Lightning counts any loader with
+    ``state_dict`` / ``load_state_dict`` as resumable, so it does not warn for this one.
 
     Args:
         dataset: The per-worker pipeline (infinite when ``num_batches`` is set).
@@ -216,7 +257,15 @@ class RankLoader(wds.WebLoader):
         loader_kwargs.setdefault("persistent_workers", False)
         if num_workers > 0:
             loader_kwargs.setdefault("prefetch_factor", 2)
-        super().__init__(dataset, batch_size=None, shuffle=False, num_workers=num_workers, **loader_kwargs)
+        if "generator" in loader_kwargs:
+            raise ValueError("RankLoader seeds its workers from (seed, rank, epoch); pass seed=, not generator=")
+        # wds.WebLoader wraps a DataLoader (it is not one): the generator must be handed to that inner DataLoader,
+        # since an attribute set on the wrapper is never read and the DataLoader then draws its worker base seed
+        # from the global torch RNG at every iter(), shifting the model's dropout stream between the checkpoint
+        # and the next step (a resumed run restores the RNG after that draw and trains with other masks).
+        self._worker_seeds = torch.Generator()
+        super().__init__(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
+                         generator=self._worker_seeds, **loader_kwargs)
         self.num_batches = num_batches
         self.shared_epoch = shared_epoch
         self.epoch_fn = epoch_fn
@@ -256,8 +305,7 @@ class RankLoader(wds.WebLoader):
             if self._resume[0] == epoch:
                 skip = self._resume[1]
             self._resume = None
-        self.generator = torch.Generator().manual_seed(
-            random.Random(f"loader/{self.seed}/{self.rank}/{epoch}").getrandbits(63))
+        self._worker_seeds.manual_seed(worker_base_seed(self.seed, self.rank, epoch))
         n = 0
         self._yielded = 0
         for batch in super().__iter__():

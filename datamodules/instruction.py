@@ -19,7 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from mmembed.datamodules.common import add_counts, resolve_world
+from mmembed.datamodules.common import EpochSeededLoader, add_counts, resolve_world
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mmembed.backbone.inputs import InputBuilder, tiling_kwargs
@@ -377,9 +377,10 @@ class InstructionDataModule(L.LightningDataModule):
     def _loader(self, dataset: InstructionDataset, train: bool) -> DataLoader:
         sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=train,
                                      seed=self.seed, drop_last=train)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=self.collate(), drop_last=train, pin_memory=self.pin_memory,
-                          persistent_workers=False)
+        # Worker seeds from (seed, rank, epoch), not from the global RNG: an epoch-end resume stays exact.
+        return EpochSeededLoader(dataset, sampler=sampler, seed=self.seed, rank=self.rank,
+                                 batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self.collate(),
+                                 drop_last=train, pin_memory=self.pin_memory, persistent_workers=False)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")

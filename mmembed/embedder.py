@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -16,10 +17,35 @@ from rich.progress import track
 
 from mmembed.backbone.inputs import InputBuilder, TilePolicy
 from mmembed.backbone.model import MMEMBED_CONFIG, VTCBackbone, build_backbone
+from mmembed.backbone.templates import INSTRUCTIONS
+from mmembed.integrations.export import saved_prompts, write_ecosystem_files
+from mmembed.matryoshka import check_truncate_dim, truncate_embeddings
 from mmembed.types import EncodeInput, Item, Role, as_item
+
+log = logging.getLogger(__name__)
 
 Precision = Literal["float32", "bfloat16", "float16"]
 _PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_prompts() -> dict[str, str]:
+    """The paper's task instructions (Tables 11-12) as named prompts: ``"<dataset>-query"`` / ``"<dataset>-document"``.
+
+    ``Embedder.encode(prompt_name="MSCOCO_t2i-query")`` and a sentence-transformers load of an exported folder
+    (``encode_query(prompt_name="MSCOCO_t2i-query")``) read the same table.
+    """
+    prompts = {}
+    for name, (_task, query_instruction, target_instruction) in INSTRUCTIONS.items():
+        prompts[f"{name}-query"] = query_instruction
+        prompts[f"{name}-document"] = target_instruction
+    return prompts
+
+
+def with_prompt(item: Item, prompt: str | None) -> Item:
+    """``item`` with ``prompt`` as its instruction, unless it has its own (an item's own instruction wins)."""
+    if not prompt or item.instruction is not None:
+        return item
+    return Item(text=item.text, image=item.image, instruction=prompt, kind=item.kind)
 
 
 def _autocast_dtype(precision: str | None) -> torch.dtype | None:
@@ -35,19 +61,25 @@ class Embedder:
 
     Build it with ``Embedder.from_pretrained(preset_or_folder, vtc_factor=2)``; wrap an existing (e.g. trained)
     backbone with ``Embedder(backbone)`` (it uses the backbone's own input builder unless one is given).
+
+    ``prompts`` maps prompt names to instructions (default: :func:`default_prompts`, the paper's Tables 11-12);
+    ``encode(prompt_name=...)`` reads it and ``save_pretrained`` writes it as the sentence-transformers prompts.
     """
 
-    def __init__(self, module: VTCBackbone, input_builder: InputBuilder | None = None) -> None:
+    def __init__(self, module: VTCBackbone, input_builder: InputBuilder | None = None,
+                 prompts: dict[str, str] | None = None) -> None:
         if input_builder is None:
             input_builder = module.input_builder
         module.check_processor(input_builder.processor)
         self.module = module
         self.input_builder = input_builder
+        self.prompts = default_prompts() if prompts is None else dict(prompts)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, vtc_factor: int | None = None, vtc_placement: str | None = None,
                         tile_policy: TilePolicy | dict | None = None, device: str | torch.device | None = None,
-                        dtype: torch.dtype | str | None = None, seed: int = 0, **builder_kwargs) -> Embedder:
+                        dtype: torch.dtype | str | None = None, seed: int = 0,
+                        in_tower_layer: int | str | None = None, **builder_kwargs) -> Embedder:
         """Load from a preset name (random init) or a local folder (stock InternVL3-*-hf or mmembed-saved).
 
         Args:
@@ -58,12 +90,15 @@ class Embedder:
             device: where to run; default CUDA when available.
             dtype: parameter dtype; default the checkpoint's (fp32 for presets).
             seed: init seed for presets.
+            in_tower_layer: in-tower compression after vision block ``k`` (``mmembed.backbone.vtc``); ``"off"``
+                for none; default: the folder's recorded value, else off.
             **builder_kwargs: ``use_chat_template``, ``max_text_tokens``, ``pooled_token`` for the ``InputBuilder``.
         """
         module = build_backbone(name_or_path, vtc_factor, vtc_placement, finetune=None, dtype=dtype, seed=seed,
-                                tile_policy=tile_policy, **builder_kwargs)
+                                tile_policy=tile_policy, in_tower_layer=in_tower_layer, **builder_kwargs)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return cls(module.to(device).eval())
+        prompts = saved_prompts(Path(name_or_path)) if Path(name_or_path).is_dir() else None
+        return cls(module.to(device).eval(), prompts=prompts)
 
     @property
     def backbone(self):
@@ -96,11 +131,29 @@ class Embedder:
         precision: Precision | None = None,
         sort_by_length: bool = True,
         show_progress: bool | None = None,
+        truncate_dim: int | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
     ) -> torch.Tensor | np.ndarray:
         """Embed inputs, the way sentence-transformers' ``encode`` is called.
 
         Inputs are batched by their real token count (prompt tokens + visual tokens), so a batch holds items of
         similar length and little padding is computed; the output follows the input order.
+
+        Defaults that differ from sentence-transformers' ``encode``, and why:
+
+        - ``normalize_embeddings=True`` (there ``False``): the model is trained with cosine InfoNCE on L2-normalised
+          last-token states, so the normalised vector is its native output and inner product = cosine.
+        - a ``torch.Tensor`` is returned (there a numpy array): the kit's callers (eval, mining, index) stay in
+          torch; ``convert_to_numpy=True`` gives numpy.
+        - ``batch_size=16`` (there 32): an image item costs 64 visual tokens per tile (up to 5 tiles for documents),
+          so a batch of 16 multimodal items is already long.
+        - ``precision`` is the *compute* dtype (autocast); there it is the *output quantisation* (int8 / binary).
+        - a ``prompt`` is an *instruction* placed in the paper's template (``Instruct: ... Query: ...``), not a
+          string prepended to the text, and ``role`` chooses the query or candidate template; ``encode_query`` /
+          ``encode_document`` set the role as sentence-transformers' methods of the same names set ``task``.
+        - a plain ``str`` is always text, never an image path or URL (use ``pathlib.Path`` or a dict); the
+          sentence-transformers module of an exported folder follows sentence-transformers' rule instead.
 
         Args:
             inputs: One input or a list of them: ``Item``, ``str`` (text), ``PIL.Image``, ``pathlib.Path`` (an image
@@ -116,20 +169,31 @@ class Embedder:
                 default: the weights' dtype. The output is float32 either way.
             sort_by_length: Batch by token count (default); ``False`` batches in input order (for comparison).
             show_progress: Deprecated alias of ``show_progress_bar``.
+            truncate_dim: Keep only the first ``truncate_dim`` coordinates (Matryoshka), L2-normalised again after
+                the cut when ``normalize_embeddings`` (so cosine = inner product still holds); ``None`` (default)
+                keeps all ``embed_dim``. It suits models trained with ``InfoNCELoss(matryoshka_dims=...)``.
+            prompt_name: A key of ``self.prompts`` (e.g. ``"MSCOCO_t2i-query"``); its instruction is used as
+                ``prompt``. Ignored (with a warning) when ``prompt`` is also given, as in sentence-transformers.
+            prompt: An instruction for every input that has none of its own (an ``Item`` / dict ``instruction``
+                wins). Default: no instruction line.
 
         Returns:
-            (N, D) float32 embeddings on the CPU, or (D,) for a single (non-list) input.
+            (N, D) float32 embeddings on the CPU (D = ``truncate_dim`` if given), or (D,) for a single input.
 
         Raises:
-            TypeError: An input of an unsupported type. ValueError: an empty item, a bad role or precision.
+            TypeError: An input of an unsupported type. ValueError: an empty item, a bad role, precision or
+            prompt name.
         """
+        prompt = self._resolve_prompt(prompt, prompt_name)
         if role not in ("query", "candidate"):
             raise ValueError(f"role must be 'query' or 'candidate', got {role!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         autocast_dtype = _autocast_dtype(precision)
+        if truncate_dim is not None:
+            check_truncate_dim(truncate_dim, self.embed_dim)
         single = not isinstance(inputs, list | tuple)
-        items = [as_item(x, i) for i, x in enumerate([inputs] if single else inputs)]
+        items = [with_prompt(as_item(x, i), prompt) for i, x in enumerate([inputs] if single else inputs)]
         for i, it in enumerate(items):
             if it.is_empty:
                 raise ValueError(f"item {i} has neither text nor image; drop it or give it content")
@@ -156,9 +220,45 @@ class Embedder:
                     out[idx] = emb.float().cpu()
             finally:
                 self.module.train(was_training)
+        # Cutting the normalised rows and normalising again gives the same direction as cutting the raw hidden state.
+        out = truncate_embeddings(out, truncate_dim, normalize=normalize_embeddings)
         if single:
             out = out[0]
         return out.numpy() if convert_to_numpy and not convert_to_tensor else out
+
+    def _resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str | None:
+        if prompt_name is None:
+            return prompt
+        if prompt is not None:
+            log.warning("both prompt and prompt_name given; using prompt and ignoring prompt_name=%r", prompt_name)
+            return prompt
+        if prompt_name not in self.prompts:
+            examples = ", ".join(sorted(self.prompts)[:4])
+            raise ValueError(f"unknown prompt_name {prompt_name!r}; use a key of Embedder.prompts (e.g. {examples}) "
+                             "or pass the instruction as prompt=")
+        return self.prompts[prompt_name]
+
+    def encode_query(self, inputs: EncodeInput | Sequence[EncodeInput], prompt_name: str | None = None,
+                     prompt: str | None = None, **kwargs) -> torch.Tensor | np.ndarray:
+        """``encode`` with the query template (``role="query"``), as sentence-transformers' ``encode_query``.
+
+        Without ``prompt`` / ``prompt_name`` the ``"query"`` prompt is used when ``self.prompts`` has one (as in
+        sentence-transformers); the default prompts have none, so no instruction line. Other arguments: ``encode``.
+        """
+        if prompt_name is None and prompt is None and "query" in self.prompts:
+            prompt_name = "query"
+        return self.encode(inputs, role="query", prompt_name=prompt_name, prompt=prompt, **kwargs)
+
+    def encode_document(self, inputs: EncodeInput | Sequence[EncodeInput], prompt_name: str | None = None,
+                        prompt: str | None = None, **kwargs) -> torch.Tensor | np.ndarray:
+        """``encode`` with the candidate template (``role="candidate"``), as sentence-transformers' ``encode_document``.
+
+        Without ``prompt`` / ``prompt_name`` the first of the ``"document"``, ``"passage"``, ``"corpus"`` prompts
+        present in ``self.prompts`` is used (as in sentence-transformers); the default prompts have none.
+        """
+        if prompt_name is None and prompt is None:
+            prompt_name = next((n for n in ("document", "passage", "corpus") if n in self.prompts), None)
+        return self.encode(inputs, role="candidate", prompt_name=prompt_name, prompt=prompt, **kwargs)
 
     @staticmethod
     def similarity(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -177,10 +277,13 @@ class Embedder:
         factor 2), so a plain-transformers model (which makes 256 features per tile) fed by the exported processor
         stops with transformers' "Image features and image tokens do not match" instead of embedding without
         compression. ``Embedder.from_pretrained(path)`` restores compression, tiling and prompts from
-        ``mmembed.json``; with plain transformers apply compression in two lines (docs/real_data.md)::
+        ``mmembed.json``. The folder also loads with ``SentenceTransformer(path, trust_remote_code=True)`` and
+        ``AutoProcessor.from_pretrained(path, trust_remote_code=True)`` (``mmembed.integrations.export``); with plain
+        transformers apply compression in two lines (docs/real_data.md)::
 
             model = InternVLForConditionalGeneration.from_pretrained(path)
-            apply_vtc(model.model, model.config.vtc_factor, model.config.vtc_placement)  # mmembed.backbone.vtc
+            apply_vtc(model.model, model.config.vtc_factor, model.config.vtc_placement,  # mmembed.backbone.vtc
+                      getattr(model.config, "vtc_in_tower_layer", None))
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -199,12 +302,15 @@ class Embedder:
         settings = {
             "vtc_factor": self.module.vtc_factor,
             "vtc_placement": self.module.vtc_placement,
+            "vtc_in_tower_layer": self.module.in_tower_layer,
             "tile_policy": {"natural": b.tile_policy.natural, "document": b.tile_policy.document},
             "use_chat_template": b.use_chat_template,
             "max_text_tokens": b.max_text_tokens,
             "pooled_token": b.pooled_token,
         }
         (path / MMEMBED_CONFIG).write_text(json.dumps(settings, indent=2))
+        # sentence-transformers (modules.json, prompts) and AutoProcessor (image-only processor) files
+        write_ecosystem_files(path, self.prompts)
         return path
 
 

@@ -6,12 +6,14 @@ with the full traceback); ``experiments/run.py`` does the same under Hydra (``HY
 
 from __future__ import annotations
 
+import pickle
 import sys
 from collections.abc import Callable
 
 #: Errors that mean "the input or the setup is wrong" (bad path, bad value, unreachable server, missing extra,
 #: checkpoint that does not fit, out of memory). Anything else is a bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeError, ImportError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeError, ImportError,
+                                                pickle.UnpicklingError)  # a checkpoint a weights-only load refuses
 
 
 def one_line(exn: BaseException, limit: int = 400) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.progress import track
@@ -13,7 +14,7 @@ from mmembed.backbone.inputs import InputBuilder, TilePolicy
 from mmembed.backbone.model import VTCBackbone
 from mmembed.backbone.rerank_inputs import MAX_LIST, RerankInputBuilder
 from mmembed.losses.reranker import pointwise_scores
-from mmembed.types import Item
+from mmembed.types import EncodeInput, Item, as_item
 
 MODES = ("pointwise", "listwise")
 
@@ -65,11 +66,21 @@ class Reranker:
         return next(self.module.parameters()).device
 
     @staticmethod
-    def _check(query: Item, candidates: Sequence[Item]) -> None:
-        for i, it in enumerate([query, *candidates]):
-            if not isinstance(it, Item):
-                raise TypeError(f"{'query' if i == 0 else f'candidate {i - 1}'} is a {type(it).__name__}, "
-                                "not an mmembed.Item")
+    def _items(query: EncodeInput, candidates: Sequence[EncodeInput]) -> tuple[Item, list[Item]]:
+        """The query and candidates as ``Item`` s, from anything ``Embedder.encode`` accepts (``mmembed.as_item``)."""
+        if isinstance(candidates, str | Item) or not isinstance(candidates, Sequence):
+            raise TypeError(f"candidates must be a list of inputs, got a {type(candidates).__name__}")
+        items = []
+        for i, value in enumerate([query, *candidates]):
+            try:
+                items.append(as_item(value, i))
+            except TypeError as exn:
+                what = "query" if i == 0 else f"candidate {i - 1}"
+                raise TypeError(f"{what}: {exn}") from None
+        for i, it in enumerate(items):
+            if it.is_empty:
+                raise ValueError(f"{'query' if i == 0 else f'candidate {i - 1}'} has neither text nor image")
+        return items[0], items[1:]
 
     @torch.no_grad()
     def _logits(self, batch) -> Tensor:
@@ -80,17 +91,18 @@ class Reranker:
         finally:
             self.module.train(was_training)
 
-    def score(self, query: Item, candidates: Sequence[Item], batch_size: int | None = None,
+    def score(self, query: EncodeInput, candidates: Sequence[EncodeInput], batch_size: int | None = None,
               show_progress: bool | None = None) -> Tensor:
         """P(Yes) per candidate (pointwise), a float32 CPU tensor in candidate order.
 
         Args:
-            query: The query item (instruction, text and/or image).
-            candidates: The candidates to judge, each independently.
+            query: The query: what ``Embedder.encode`` accepts (``Item``, ``str`` text, ``PIL.Image``,
+                ``pathlib.Path`` image file, or a ``text/image/instruction/kind`` dict).
+            candidates: The candidates to judge, each independently (same input types).
             batch_size: Prompts per forward (default: the reranker's).
             show_progress: Progress bar (default: when there are more than 8 batches).
         """
-        self._check(query, candidates)
+        query, candidates = self._items(query, candidates)
         if not candidates:
             return torch.empty(0)
         bs = batch_size or self.batch_size
@@ -103,14 +115,49 @@ class Reranker:
             out[idx] = pointwise_scores(logits, self.inputs.yes_id, self.inputs.no_id)
         return out
 
-    def score_listwise(self, query: Item, candidates: Sequence[Item]) -> Tensor:
+    def score_listwise(self, query: EncodeInput, candidates: Sequence[EncodeInput]) -> Tensor:
         """Probability that each listed position is the best candidate (one prompt; at most 9 candidates)."""
-        self._check(query, candidates)
+        query, candidates = self._items(query, candidates)
         if not 1 <= len(candidates) <= MAX_LIST:
             raise ValueError(f"listwise scoring takes 1..{MAX_LIST} candidates, got {len(candidates)}; rerank a "
                              "shorter shortlist or use mode='pointwise'")
         logits = self._logits(self.inputs.listwise([(query, list(candidates))]))
         return torch.softmax(logits[0, self.inputs.index_ids[: len(candidates)]], dim=-1)
+
+    def rank(self, query: EncodeInput, documents: Sequence[EncodeInput], top_k: int | None = None,
+             return_documents: bool = False, batch_size: int | None = None,
+             show_progress_bar: bool | None = None) -> list[dict[str, Any]]:
+        """Documents sorted by relevance to the query, as sentence-transformers' ``CrossEncoder.rank`` returns them.
+
+        Scores are ``self.mode``'s (pointwise P(Yes) by default; listwise for at most 9 documents). Ties keep the
+        input order.
+
+        Args:
+            query: The query (any input ``Embedder.encode`` accepts).
+            documents: The documents to rank (same input types).
+            top_k: Keep the best ``top_k``; ``None`` keeps all.
+            return_documents: Add each document, as given, under ``"text"`` (sentence-transformers' key, also for
+                images and dicts).
+            batch_size: Prompts per forward (pointwise; default: the reranker's).
+            show_progress_bar: Progress bar (pointwise; default: when there are more than 8 batches).
+
+        Returns:
+            ``[{"corpus_id": index, "score": float, ["text": document]}, ...]``, best first.
+        """
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        if self.mode == "listwise":
+            scores = self.score_listwise(query, documents)
+        else:
+            scores = self.score(query, documents, batch_size=batch_size, show_progress=show_progress_bar)
+        order = sorted(range(len(documents)), key=lambda i: -float(scores[i]))[:top_k]
+        ranked = []
+        for i in order:
+            row: dict[str, Any] = {"corpus_id": i, "score": float(scores[i])}
+            if return_documents:
+                row["text"] = documents[i]
+            ranked.append(row)
+        return ranked
 
     def rerank(self, query: Item, candidates: Sequence[Item]) -> Tensor:
         """Relevance scores in candidate order (higher = better), by ``self.mode``: the E+R hook of the runners."""

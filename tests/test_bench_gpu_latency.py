@@ -59,3 +59,16 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     (tmp_path / "c.json").write_text('{"mmeb_querys": 1}')
     with pytest.raises(SystemExit, match="unknown kinds"):
         bench.eval_item_counts(str(tmp_path / "c.json"))
+
+
+def test_in_tower_variant_is_measured_beside_native_and_vtc(capsys):
+    res = bench.main([*ARGS, "--in-tower", "1"])
+    out = capsys.readouterr().out
+    inf = res["presets"]["tiny"]["inference"]
+    for kind in bench.KINDS:
+        assert inf["tokens"][kind, "2@1"] == inf["tokens"][kind, 2]  # the LLM gets VTC's tokens
+        assert (inf["gflops"][kind, "2@1"] < inf["gflops"][kind, 2]) == (inf["tiles"][kind, 2] > 0)
+        assert re.search(rf"^RATIO tiny {kind} batch-1 latency, 2 \+ in-tower k=1: native/variant = \d+\.\d+x", out,
+                         re.MULTILINE)
+    assert res["presets"]["tiny"]["training"]["2@1"]["samples_s"] > 0
+    assert "RATIO tiny training samples/s at the largest batch, 2 + in-tower k=1" in out

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks import bench_vtc_encode, bench_vtc_train
-from benchmarks.common import Timings, analytic_gflops, benchmark_session, run_interleaved
+from benchmarks.common import Timings, analytic_gflops, benchmark_session, run_interleaved, vision_tile_gflops
 from mmembed.backbone.model import load_processor
 from mmembed.backbone.presets import PRESETS
 from mmembed.backbone.vtc import tokens_per_tile
@@ -95,3 +95,31 @@ def test_train_memory_in_fresh_processes(capsys):
     res = bench_vtc_train.main([*SMOKE, "--mixes", "document", "--batch-size", "2", "--memory", "subprocess"])
     assert all("error" not in m and m["peaks"][1] > 0 for m in res["memory"])
     assert "fresh process per row" in capsys.readouterr().out
+
+
+def test_in_tower_variants_run_beside_native_and_vtc(capsys, per_tile):
+    res = bench_vtc_encode.main([*SMOKE, "--n", "2", "--batch-size", "2", "--in-tower", "0,2"])
+    out = capsys.readouterr().out
+    for k in (0, 2):
+        assert res["tokens"]["natural", f"2@{k}"] == per_tile[2]  # the LM gets VTC's token count
+        assert res["tokens"]["document", f"2@{k}"] == DOC_TILES * per_tile[2]
+        assert re.search(rf"^RATIO natural encode items/s, in-tower k={k}: .*\(goal >= 2x: (met|NOT met)\)", out,
+                         re.MULTILINE)
+        assert re.search(rf"^FLOPS natural encode, 2 \+ in-tower k={k}: achieved \d+\.\d+x of a \d+\.\d+x FLOP "
+                         r"ratio = \d+% \(goal >= 85%: (met|NOT met)\) \[CPU time: ", out, re.MULTILINE)
+    # Pooling after the last layer costs what VTC costs; pooling earlier costs less.
+    assert res["flop_ratio"]["natural", "2@2"] == pytest.approx(res["flop_ratio"]["natural", 2])
+    assert res["flop_ratio"]["natural", "2@0"] > res["flop_ratio"]["natural", 2] > 1
+    assert "same weights: yes" in out
+    with pytest.raises(SystemExit, match=r"block indices 0\.\.2"):
+        bench_vtc_encode.parse_args([*SMOKE, "--in-tower", "3"])
+
+
+def test_vision_flops_with_in_tower_pooling():
+    full = vision_tile_gflops("internvl3_2b")
+    assert full == pytest.approx(analytic_gflops("internvl3_2b")["vision_tile"])
+    assert vision_tile_gflops("internvl3_2b", 2, 24) == pytest.approx(full)
+    by_k = [vision_tile_gflops("internvl3_2b", 2, k) for k in (0, 6, 12, 18, 24)]
+    assert by_k == sorted(by_k)
+    # k = 0: every layer on 257 instead of 1025 tokens (linear part / 3.99, attention / 15.9), patch embedding kept.
+    assert 0.2 < by_k[0] / full < 0.26

@@ -158,7 +158,8 @@ def test_visdoc_callback_epoch_eval_with_mlflow_artifacts(tmp_path):
 
 
 def test_only_rank_zero_evaluates_and_all_ranks_get_the_numbers():
-    """The rank logic with a stand-in trainer: rank 1 never evaluates, and receives rank 0's broadcast."""
+    """The rank logic with a stand-in trainer: with ``shard=False`` (or a strategy other than DDP) rank 1 never
+    evaluates, and receives rank 0's broadcast. The sharded DDP path is tests/test_eval_devices.py's."""
 
     class NeverEvaluate(MMEBEvalCallback):
         def evaluate(self, *args, **kwargs):
@@ -166,9 +167,10 @@ def test_only_rank_zero_evaluates_and_all_ranks_get_the_numbers():
 
     from_rank0 = {"val/mmeb/overall": 42.0}
     fake = SimpleNamespace(global_step=3, current_epoch=0, is_global_zero=False, callback_metrics={}, loggers=[],
-                           strategy=SimpleNamespace(broadcast=lambda obj, src=0: dict(from_rank0),
-                                                    root_device=torch.device("cpu")))
-    cb = NeverEvaluate(data="unused", every_n_train_steps=3, eval_at_end=True)
+                           world_size=2, strategy=SimpleNamespace(broadcast=lambda obj, src=0: dict(from_rank0),
+                                                                  root_device=torch.device("cpu")))
+    assert not NeverEvaluate(data="unused").sharded(fake)  # not a DDPStrategy: rank 0 alone
+    cb = NeverEvaluate(data="unused", every_n_train_steps=3, eval_at_end=True, shard=False)
     cb.on_train_batch_end(fake, None, None, None, 0)
     assert float(fake.callback_metrics["val/mmeb/overall"]) == 42.0
     cb.on_train_end(fake, None)  # same step as the last evaluation: nothing to do

@@ -52,7 +52,8 @@ def test_exp_composes_and_instantiates(exp, tmp_path):
     if exp.startswith("ablation_lora_r"):
         assert cfg.backbone.finetune.lora_r == int(exp.removeprefix("ablation_lora_r"))
     if exp.startswith("ablation_vtc"):
-        assert cfg.backbone.vtc_factor == int(exp.removeprefix("ablation_vtc"))
+        assert cfg.backbone.vtc_factor == int(exp.removeprefix("ablation_vtc").removesuffix("_tower"))
+        assert (cfg.backbone.in_tower_layer is not None) == exp.endswith("_tower")  # issue 27's extra column
         assert "vtc_factor" not in cfg.data  # the factor reaches the data only through backbone.input_builder
     dm = instantiate(cfg.data)
     if "num_hard_negatives" in cfg.data:  # contrastive data (stage 1 and the reranker read no hard-negative count)
@@ -62,12 +63,13 @@ def test_exp_composes_and_instantiates(exp, tmp_path):
     instantiate(cfg.trainer, logger=False)
 
 
-@pytest.mark.parametrize("exp", ["quickstart", "ablation_lora_r8", "ablation_vtc4"])
+@pytest.mark.parametrize("exp", ["quickstart", "ablation_lora_r8", "ablation_vtc4", "ablation_vtc2_tower"])
 def test_backbone_and_module_instantiate(exp, tmp_path):
     cfg = _compose(tmp_path, [f"+exp={exp}"])
     backbone = instantiate(cfg.backbone)
     module = instantiate(cfg.module, backbone=backbone)
     assert module.backbone.vtc_factor == cfg.backbone.vtc_factor
+    assert module.backbone.in_tower_layer == cfg.backbone.in_tower_layer
     lora_a = [p for n, p in module.named_parameters() if "lora_A" in n]
     assert lora_a and lora_a[0].shape[0] == cfg.backbone.finetune.lora_r
     assert module.embedder().input_builder.processor.image_seq_length == backbone.tokens_per_tile
@@ -158,3 +160,30 @@ def test_unknown_keys_and_experiments_are_one_line_before_hydra(tmp_path):
         assert expect in e.value.msg and "\n" not in e.value.msg
     check_overrides(["+exp=quickstart", "seed=3", f"hydra.run.dir={tmp_path}"], CONFIGS)  # valid: nothing raised
     check_overrides(["-m", "seed=0,1"], CONFIGS)  # Hydra flags: left to Hydra
+
+
+def test_mmembed_root_also_holds_hydras_outputs_and_multirun_folders(tmp_path, monkeypatch):
+    GlobalHydra.instance().clear()
+    for root, prefix in ((str(tmp_path / "root"), str(tmp_path / "root") + "/"), (None, "./")):
+        if root is None:
+            monkeypatch.delenv("MMEMBED_ROOT", raising=False)
+        else:
+            monkeypatch.setenv("MMEMBED_ROOT", root)
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose("run", return_hydra_config=True)
+        run_dir, sweep_dir = OmegaConf.select(cfg, "hydra.run.dir"), OmegaConf.select(cfg, "hydra.sweep.dir")
+        assert run_dir.startswith(prefix + "outputs/") and sweep_dir.startswith(prefix + "multirun/"), (run_dir,
+                                                                                                       sweep_dir)
+    GlobalHydra.instance().clear()
+
+
+def test_in_tower_layer_is_hashed_only_when_set(tmp_path):
+    """Stage folders built before backbone.in_tower_layer existed keep their keys while it is off (null)."""
+    from mmembed.launch.stages import identity
+
+    off = identity(_compose(tmp_path, ["+exp=ablation_vtc2"]))
+    assert "in_tower_layer" not in off["backbone"] and off["backbone"]["vtc_factor"] == 2
+    on = identity(_compose(tmp_path, ["+exp=ablation_vtc2", "backbone.in_tower_layer=1"]))
+    assert on["backbone"]["in_tower_layer"] == 1
+    assert {k: v for k, v in on["backbone"].items() if k != "in_tower_layer"} == off["backbone"]

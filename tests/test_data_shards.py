@@ -233,7 +233,7 @@ def test_count_expand_and_inspect(tmp_path, capsys):
     assert cli.main(["count", str(tmp_path / "b-*.tar"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["by_dataset"] == {"toy_other": 3}
     assert cli.main(["count", str(tmp_path / "zzz-*.tar")]) == 2
-    assert "no shards match" in capsys.readouterr().out
+    assert "mmembed-data: error: no shards match" in capsys.readouterr().err  # one line, on stderr
 
 
 def test_extra_positives_round_trip_and_stay_out_of_the_original_layout(tmp_path):

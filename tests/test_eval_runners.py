@@ -171,6 +171,13 @@ def test_mmeb_metrics_match_hand_computed(mmeb_data, tmp_path):
     flat = res.flat()
     assert flat["val/mmeb/ImageNet_1K"] == pytest.approx(75.0) and flat["val/mmeb/vqa"] == pytest.approx(50.0)
     assert flat["val/mmeb/overall"] == pytest.approx(res.overall) and flat["val/mmeb/ood"] == pytest.approx(50.0)
+    # standard errors: binomial per subset (p, n), combined as independent over the subset count
+    ses = {n: 100 * math.sqrt(p * (1 - p) / q) for n, p, q in (("GQA", 0.5, 2), ("ImageNet_1K", 0.75, 4),
+                                                                    ("MSCOCO_t2i", 2 / 3, 3))}
+    assert {n: s.stderr for n, s in res.sets.items()} == pytest.approx(ses)
+    assert res.overall_stderr == pytest.approx(math.sqrt(sum(v * v for v in ses.values())) / 3)
+    assert "±" in res.overall_line() and load_metrics(res.metrics_file)["overall_stderr"] == pytest.approx(
+        res.overall_stderr)
 
 
 def test_mmeb_grouping_from_subsets_json_and_overrides(mmeb_data, tmp_path):
@@ -270,6 +277,9 @@ def test_visdoc_metrics_match_hand_computed(visdoc_data, tmp_path):
     assert s.num_queries == 3 and s.num_candidates == 6  # the unjudged query is left out
     assert s.score == pytest.approx(100 * (1 + NDCG_Q1 + 0) / 3, abs=1e-4)
     assert s.metrics["recall@5"] == pytest.approx(200 / 3)
+    per_query = torch.tensor([1.0, NDCG_Q1, 0.0])
+    assert s.stderr == pytest.approx(100 * per_query.std().item() / math.sqrt(3), abs=1e-4)  # sample SD / sqrt(n)
+    assert "stderr" not in s.metrics
     assert (s.group, s.split) == ("vidore_v1", "ind")
     assert res.collections == pytest.approx({"ViDoRe v1": s.score})
     assert res.overall == pytest.approx(s.score)

@@ -111,6 +111,90 @@ def test_bad_inputs_give_one_line_errors(data, tmp_path):
         Index.build(corpus, ids).vectors_for(["nope"])
 
 
+def _tampered(src, dst, how: str, other=None):
+    """A copy of the index folder ``src`` in ``dst`` with one kind of damage."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    if how == "reordered meta":
+        lines = (dst / "meta.jsonl").read_text().splitlines(keepends=True)
+        (dst / "meta.jsonl").write_text("".join([lines[1], lines[0], *lines[2:]]))
+    elif how == "swapped faiss":
+        shutil.copy(other / "index.faiss", dst / "index.faiss")
+    elif how == "flipped vector bytes":
+        raw = bytearray((dst / "vectors.npy").read_bytes())
+        raw[-7] ^= 0x40
+        (dst / "vectors.npy").write_bytes(bytes(raw))
+    elif how == "nan vectors":
+        v = np.load(dst / "vectors.npy")
+        v[5] = np.nan
+        np.save(dst / "vectors.npy", v)
+    elif how == "bad npy header":
+        raw = bytearray((dst / "vectors.npy").read_bytes())
+        raw[10:40] = b"{'descr': '<f4', 'fortran_ord"[:30]
+        (dst / "vectors.npy").write_bytes(bytes(raw))
+    elif how == "truncated faiss":
+        raw = (dst / "index.faiss").read_bytes()
+        (dst / "index.faiss").write_bytes(raw[: len(raw) // 2])
+    elif how == "flipped faiss":
+        raw = bytearray((dst / "index.faiss").read_bytes())
+        for i in range(8, 64):
+            raw[i] ^= 0xFF
+        (dst / "index.faiss").write_bytes(bytes(raw))
+    return dst
+
+
+TAMPER_CASES = ["reordered meta", "swapped faiss", "flipped vector bytes", "nan vectors", "bad npy header",
+                "truncated faiss", "flipped faiss"]
+
+
+@pytest.mark.parametrize("how", TAMPER_CASES)
+def test_a_tampered_index_is_refused_at_load_with_one_line(data, tmp_path, how):
+    pytest.importorskip("faiss")
+    corpus, _, ids = data
+    good = Index.build(corpus[:400], ids[:400], [{"n": i} for i in range(400)], kind="ivf", nlist=4).save(
+        tmp_path / "good")
+    other = Index.build(corpus[400:800], ids[400:800], kind="ivf", nlist=4).save(tmp_path / "other")
+    Index.load(good)  # the untouched folder loads
+    bad = _tampered(good, tmp_path / "bad", how, other)
+    with pytest.raises(ValueError) as info:
+        Index.load(bad)
+    assert "\n" not in str(info.value) and "rebuild" in str(info.value)
+    # without the recorded checksums (an index saved before they existed) the parse / count / NaN checks still
+    # give one line for the damage they can see
+    header = json.loads((bad / "index.json").read_text())
+    header.pop("checksums")
+    (bad / "index.json").write_text(json.dumps(header))
+    if how in ("nan vectors", "bad npy header", "truncated faiss", "flipped faiss"):
+        with pytest.raises(ValueError, match="rebuild"):
+            Index.load(bad)
+
+
+def test_build_refuses_nan_vectors_and_search_refuses_nan_queries(data):
+    corpus, queries, ids = data
+    bad = corpus[:10].copy()
+    bad[3, 0] = np.nan
+    with pytest.raises(ValueError, match=r"1 vector\(s\) hold NaN or inf \(rows \[3\]"):
+        Index.build(bad, ids[:10])
+    q = queries[:2].copy()
+    q[1, 4] = np.inf
+    with pytest.raises(ValueError, match="queries hold NaN or inf"):
+        Index.build(corpus[:10], ids[:10]).search(q)
+
+
+def test_search_refuses_queries_from_another_model(tiny_embedder, tmp_path):
+    from mmembed import Embedder
+    from mmembed.index.integrity import check_model
+    from mmembed.mining.embedding import model_fingerprint
+
+    index = Index.build(np.eye(4, tiny_embedder.embed_dim, dtype=np.float32), list("abcd"),
+                        info={"model": "tiny", "model_fingerprint": model_fingerprint(tiny_embedder)})
+    check_model(index, tiny_embedder)  # the model that built it passes
+    other = Embedder.from_pretrained("tiny", vtc_factor=2, device="cpu", seed=1)
+    with pytest.raises(ValueError, match="built by another model"):
+        check_model(index, other)
+
+
 # ------------------------------------------------------------------------------------------- from a corpus
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory):

@@ -66,3 +66,46 @@ def test_task_judge_curates_and_logs_to_mlflow(tmp_path):
         cfg.judge.model = "/no/such/judge"
     with pytest.raises(SystemExit, match="judge.model=/no/such/judge is not a folder"):
         validate(cfg)
+
+
+def test_simulated_judge_and_margin_settings_are_checked(tmp_path):
+    from mmembed.judge import SIMULATED_LABEL, SimulatedJudge
+    from mmembed.launch import ConfigError, validate
+    from mmembed.launch.tasks import judge_settings, make_judge
+
+    base = ["task=judge", f"judge.checkpoint={tmp_path}", "data.train_shards=/x/*.tar"]
+    cfg = _compose(tmp_path, [*base, "judge.model=simulated", "judge.recall=0.8", "judge.false_yes_rate=0.1"])
+    validate(cfg)  # "simulated" is not a folder, and needs none
+    j = make_judge(judge_settings(cfg), seed=3)
+    assert isinstance(j, SimulatedJudge) and (j.recall, j.false_yes_rate, j.seed) == (0.8, 0.1, 3)
+    assert j.label == SIMULATED_LABEL
+    assert make_judge(judge_settings(_compose(tmp_path, base)), seed=0) is None  # no judge.model, no judge
+    validate(_compose(tmp_path, [*base, "judge.strategy=margin", "judge.margin=0.1"]))
+    for bad, msg in ((["judge.model=simulated", "judge.recall=1.5"], r"judge.recall=1.5 must be within \[0, 1\]"),
+                     (["judge.model=simulated", "judge.false_yes_rate=0.7"], "false_yes_rate=0.7"),
+                     (["judge.strategy=margin", "judge.margin=-0.1"], "judge.margin=-0.1 must be >= 0"),
+                     (["judge.strategy=best"], r"must be one of \('judge', 'rule', 'margin'\)")):
+        with pytest.raises(ConfigError, match=msg):
+            validate(_compose(tmp_path, [*base, *bad]))
+
+
+@pytest.mark.slow  # ~30 s: an MLflow store, retrieval with the tiny embedder
+def test_task_judge_with_the_simulated_judge_names_it_in_mlflow(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from mmembed import Embedder
+    from mmembed.judge import SIMULATED_LABEL
+    from mmembed.launch import tasks, validate
+
+    checkpoint = Embedder.from_pretrained("tiny", device="cpu").save_pretrained(tmp_path / "stage2")
+    cfg = _compose(tmp_path, ["task=judge", "judge.model=simulated", f"judge.checkpoint={checkpoint}",
+                              f"data.train_shards={_write(tmp_path)}", "judge.k=4", "hard_negatives=2"])
+    validate(cfg)
+    tasks.judge(cfg)
+    summary = (Path(cfg.judge.out_dir) / "summary.json").read_text()
+    assert f'"judge": "{SIMULATED_LABEL}"' in summary
+    client = MlflowClient(tracking_uri=f"sqlite:///{Path(cfg.paths.log_dir) / 'mlflow.db'}")
+    (r,) = client.search_runs([client.get_experiment_by_name(cfg.logger.experiment_name).experiment_id])
+    assert r.info.run_name == f"default/curation ({SIMULATED_LABEL})"
+    assert r.data.tags["mmembed.judge"] == SIMULATED_LABEL and r.data.params["judge.model"] == "simulated"
+    assert r.data.params["judge.recall"] == "0.9" and "totals/fn_negative_margin" in r.data.metrics

@@ -140,3 +140,46 @@ def test_run_time_failures_are_one_line_and_hydra_full_error_shows_the_trace(tmp
     assert message in line and "HYDRA_FULL_ERROR=1" in line
     full = _run(tmp_path, args, HYDRA_FULL_ERROR="1")
     assert full.returncode != 0 and "Traceback" in full.stderr and message in full.stderr
+
+
+def test_more_cli_mistakes_are_one_line(tmp_path, capsys):
+    """``--device cuda`` without CUDA, unknown ``--sets``, ``synth --out <a file>``, ``--reranker <missing>``."""
+    import torch
+
+    from mmembed.data import cli as data_cli
+    from mmembed.serve import cli as serve_cli
+    from tests.fixtures_data import write_beir
+
+    beir = write_beir(tmp_path / "vd" / "setA")
+    if not torch.cuda.is_available():
+        argv = ["visdoc", "--model", "tiny", "--device", "cuda", "--data", str(beir), "--out", str(tmp_path / "o")]
+        assert eval_cli.main(argv) == 2
+        assert "CUDA is not available here" in _one_error_line(capsys.readouterr().err, "mmembed-eval: error:")
+        judge = ["judge", "--judge", "tiny", "--device", "cuda", "--data", str(tmp_path / "j.json"), "--out",
+                 str(tmp_path / "o")]
+        (tmp_path / "j.json").write_text("[]")
+        assert eval_cli.main(judge) == 2
+        assert "use --device cpu" in _one_error_line(capsys.readouterr().err, "mmembed-eval: error:")
+    assert eval_cli.main(["visdoc", "--model", "tiny", "--device", "nonsense", "--data", str(beir), "--out",
+                          str(tmp_path / "o")]) == 2
+    assert "is not a device" in _one_error_line(capsys.readouterr().err, "mmembed-eval: error:")
+    argv = ["visdoc", "--model", "tiny", "--sets", "setA,nope", "--data", str(tmp_path / "vd"), "--out",
+            str(tmp_path / "o")]
+    assert eval_cli.main(argv) == 2
+    assert "--sets: ['nope'] not in" in _one_error_line(capsys.readouterr().err, "mmembed-eval: error:")
+    # the runner itself refuses unknown names with a ValueError too (not a KeyError traceback)
+    from mmembed.eval.visdoc import evaluate_visdoc
+
+    with pytest.raises(ValueError, match=r"sets \['nope'\] are not in the data"):
+        evaluate_visdoc(None, tmp_path / "vd", names=["nope"])
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert data_cli.main(["synth", "--out", str(a_file), "--size", "ci", "--workers", "1"]) == 2
+    assert "is a file; give a folder" in _one_error_line(capsys.readouterr().err, "mmembed-data: error:")
+    assert a_file.read_text() == "x"
+
+    with pytest.raises(SystemExit) as info:
+        serve_cli.main(["--model", "tiny", "--device", "cpu", "--reranker", str(tmp_path / "missing")])
+    message = str(info.value.code)
+    assert message.startswith("mmembed-serve:") and "no such checkpoint folder" in message and "\n" not in message

@@ -205,6 +205,74 @@ def test_every_bad_sample_is_skipped_and_counted_by_reason_and_count_agrees(tmp_
     assert counts["skipped"] == counter.as_dict()  # count shares the reader's check (and labels)
 
 
+def _train_and_count(url: str) -> tuple[tuple[int, dict], tuple[int, dict]]:
+    counter = SkipCounter("train")
+    n = len(list(iter_decoded([url], counter=counter)))
+    counts = count_shards([url])
+    return (n, counter.as_dict()), (counts["samples"], counts["skipped"])
+
+
+def _three_samples(path: Path) -> tuple[str, bytes, list[tarfile.TarInfo]]:
+    members = []
+    for i in range(3):
+        members += [(f"s{i}.json", json.dumps(_sample_json(id=f"s{i}")).encode()),
+                    (f"s{i}.query.png", png_bytes((60 * i, 0, 0), (300, 300)))]
+    url = _raw_tar(path, members)
+    with tarfile.open(url) as tf:
+        return url, Path(url).read_bytes(), tf.getmembers()
+
+
+def test_count_agrees_with_training_on_a_returning_key_and_a_member_cut_by_truncation(tmp_path):
+    j = {k: json.dumps(_sample_json(id=k)).encode() for k in "ab"}
+    # key 'a' returns after 'b' with the image its JSON names: training reads 'a' without it, then a duplicate
+    url = _raw_tar(tmp_path / "late-000000.tar", [("a.json", j["a"]), ("b.json", j["b"]),
+                                                  ("b.query.png", png_bytes()), ("a.query.png", png_bytes())])
+    train, count = _train_and_count(url)
+    assert train == count == (1, {"duplicate_member": 1, "missing_member": 1})
+    # a copy cut inside the last image's bytes: that sample lacks its image in training, and in count
+    _, raw, members = _three_samples(tmp_path / "full-000000.tar")
+    last = members[-1]
+    cut = tmp_path / "cut-000000.tar"
+    cut.write_bytes(raw[: last.offset_data + last.size // 2])
+    train, count = _train_and_count(str(cut))
+    assert train == count == (2, {"missing_member": 1, "truncated_shard": 1})
+
+
+def test_damaged_shards_are_corrupt_not_truncated(tmp_path):
+    import gzip
+    import os
+
+    url, raw, members = _three_samples(tmp_path / "ok-000000.tar")
+    cases = {}
+    cases["random"] = (os.urandom(6000), 0, "not a tar archive")
+    cases["bad_gzip"] = (b"\x1f\x8b\x08\x00" + os.urandom(4000), 0, "bad gzip stream")
+    flipped = bytearray(raw)
+    flipped[5] ^= 0x20  # a byte of the first header's name: its checksum no longer matches
+    cases["checksum_first"] = (bytes(flipped), 0, "bad tar header checksum")
+    flipped = bytearray(raw)
+    flipped[members[2].offset + 5] ^= 0x20  # the header of s1.json, inside the shard
+    cases["checksum_inside"] = (bytes(flipped), 1, "bad checksum")
+    gz = gzip.compress(raw)
+    cases["truncated_gzip"] = (gz[: len(gz) // 2], None, None)
+    cases["truncated_tar"] = (raw[: members[-1].offset_data + 10], 2, None)
+    for name, (data, n_good, detail) in cases.items():
+        path = tmp_path / f"{name}-000000.tar{'.gz' if 'gzip' in name else ''}"
+        path.write_bytes(data)
+        train, count = _train_and_count(str(path))
+        assert train == count, name
+        reason = "truncated_shard" if detail is None else "corrupt_shard"
+        assert reason in train[1] and ("corrupt_shard" if detail is None else "truncated_shard") not in train[1], \
+            (name, train)
+        if n_good is not None:
+            assert train[0] == n_good, (name, train)
+        if detail is not None:
+            counter = SkipCounter("x", log_first=0)
+            list(iter_decoded([str(path)], counter=counter))
+            from mmembed.data.reading import tar_damage
+
+            assert detail in tar_damage(path)[1], (name, tar_damage(path))
+
+
 def test_count_labels_missing_fields_as_bad_json_not_missing_members(tmp_path):
     d = _sample_json(task=_DROP)
     url = _raw_tar(tmp_path / "m-000000.tar", [("k.json", json.dumps(d).encode()), ("k.query.png", png_bytes())])
@@ -334,3 +402,36 @@ def test_instruction_conversations_refuse_image_tokens_and_invalid_text(tmp_path
         assert info.value.reason == "bad_text"
     good = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok"}]}
     assert [m["role"] for m in enc.messages(good, 0)] == ["user", "assistant"]
+
+
+def test_a_huge_text_is_cut_from_a_prefix_not_tokenised_whole(builder, monkeypatch):
+    import random
+    import time
+
+    cap = builder.max_text_tokens
+    rng = random.Random(0)
+    words = ["red", "circle", "über", "日本語", "2024", "  ", "\n", "x" * 40, "!!!", "naïve", "😀"]
+    texts = [" ".join(rng.choice(words) for _ in range(n)) for n in (10, 300, 5000)]
+    texts += ["a" * 30_000, "1234567890" * 2000, "word " * 4000 + "z" * 9000, "=" * 50_000 + " end"]
+
+    def whole(text):  # the reference: tokenise everything, keep the first `cap` tokens
+        ids = builder.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= cap else builder.tokenizer.decode(ids[:cap])
+
+    for text in texts:
+        assert builder.cut(text) == whole(text), text[:60]
+    # a 20 MB field: only prefixes of a few thousand characters reach the tokenizer
+    seen: list[int] = []
+    tokenizer = builder.tokenizer
+    real_call = type(tokenizer).__call__
+
+    def spy(self, text, *args, **kwargs):
+        seen.append(len(text))
+        return real_call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", spy)
+    huge = "lorem ipsum dolor sit amet " * (20 * 2**20 // 27)
+    start = time.perf_counter()
+    out = builder.cut(huge)
+    assert max(seen) <= 64 * cap and time.perf_counter() - start < 5.0, (max(seen), time.perf_counter() - start)
+    assert huge.startswith(out.rstrip()) and len(tokenizer(out, add_special_tokens=False)["input_ids"]) <= cap

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from mmembed import tracking
-from mmembed.report import collect, stats
+from mmembed.report import collect, stats, tables
 from mmembed.report.cli import main
 from mmembed.report.document import write_report
 from mmembed.report.stats import Cell, Comparison
@@ -42,32 +42,75 @@ def test_cell_mean_sample_std_and_format():
     assert avg.values == {"0": 70.0}  # per seed, common seeds only
 
 
-def test_verdicts_against_two_standard_errors():
-    a, b = Cell({"0": 10.0, "1": 12.0}), Cell({"0": 5.0, "1": 7.0})  # diff 5, Welch SE = sqrt(2/2 + 2/2) = 1.414
+def _paired_cells(diffs, base=(10.0, 20.0, 30.0)):
+    """Cells A, B over seeds 0.. with a large seed-to-seed spread (``base``) and per-seed differences ``diffs``."""
+    return (Cell({str(i): b + d for i, (b, d) in enumerate(zip(base, diffs))}),
+            Cell({str(i): b for i, b in enumerate(base)}))
+
+
+def test_paired_t_verdict_labels_on_hand_made_cases():
+    """Each label of the paired-by-seed test (the primary verdict), checked against a paired t interval computed from
+    scipy.stats.t by hand."""
+    from scipy.stats import t as student
+
+    cases = {  # per-seed differences A - B -> the label
+        (1.0, 1.2, 1.0): stats.BEYOND,           # small, consistent gaps under a large seed spread
+        (-1.0, -1.2, -1.0): stats.CONTRADICTED,  # the same, the other way
+        (1.0, -0.5, 2.0): stats.WITHIN_RIGHT,    # mean +0.83, interval holds 0
+        (-0.05, 1.0, -1.1): stats.WITHIN_WRONG,  # mean -0.05 against a wide interval: not "does not hold"
+    }
+    for diffs, want in cases.items():
+        a, b = _paired_cells(diffs)
+        c = Comparison("A beats B", "m", a, b)
+        d = [x - y for x, y in zip(a.values.values(), b.values.values())]
+        mean, k = sum(d) / len(d), len(d)
+        half = student.ppf(0.975, k - 1) * Cell(dict(enumerate(d))).std / math.sqrt(k)
+        assert c.paired.n == 3 and c.paired.diff == pytest.approx(mean)
+        assert (c.paired.low, c.paired.high) == pytest.approx((mean - half, mean + half))
+        assert c.paired.label == want and c.verdict == want, diffs
+    # The seed spread hides the consistent gap from Welch's unpaired test: secondary, within noise.
+    a, b = _paired_cells((1.0, 1.2, 1.0))
     c = Comparison("A beats B", "m", a, b)
-    assert c.diff == pytest.approx(5.0) and c.se == pytest.approx(math.sqrt(2.0))
-    assert c.verdict == stats.BEYOND  # 5 > 2.83
-    close = Comparison("A beats B", "m", Cell({"0": 10.0, "1": 12.0}), Cell({"0": 9.0, "1": 11.5}))
-    assert close.verdict == stats.WITHIN  # diff 0.75 < 2·SE = 2 * sqrt(2/2 + 3.125/2) = 3.2
-    assert Comparison("x", "m", b, a).verdict == stats.FAILS  # wrong sign
-    assert Comparison("x", "m", Cell({"0": 10.0}), Cell({"0": 5.0})).verdict == stats.UNKNOWN
-    assert Comparison("x", "m", Cell(), b).verdict == stats.NOT_RUN
-    # Costs: lower is better.
-    assert Comparison("faster", "s", Cell({"0": 10.0, "1": 11.0}), Cell({"0": 30.0, "1": 31.0}),
-                      lower_is_better=True).verdict == stats.BEYOND
-    # Paired by seed: per-seed gaps of 1.0, 1.2, 1.0 under a large seed-to-seed spread (10, 20, 30) are within noise
-    # for Welch but beyond noise for the paired comparison.
-    pa, pb = Cell({"0": 10.0, "1": 20.0, "2": 30.0}), Cell({"0": 9.0, "1": 18.8, "2": 29.0})
-    p = Comparison("paired", "m", pa, pb)
-    assert p.verdict == stats.WITHIN
-    k, mean, se = p.paired
-    assert k == 3 and mean == pytest.approx((1.0 + 1.2 + 1.0) / 3) and p.paired_verdict == stats.BEYOND
-    assert "(k=3): holds beyond noise" in p.row()["paired by seed (±2·SE)"]
-    # "About as good": better holds; worse within 2 SE holds within noise; worse beyond does not hold.
-    assert Comparison("q", "m", a, b, not_worse=True).verdict == "holds (not worse)"
-    assert Comparison("q", "m", Cell({"0": 9.0, "1": 11.5}), Cell({"0": 10.0, "1": 12.0}),
-                      not_worse=True).verdict == stats.WITHIN
-    assert Comparison("q", "m", b, a, not_worse=True).verdict == stats.FAILS
+    assert c.welch.label == stats.WITHIN_RIGHT and c.verdict == stats.BEYOND
+    assert "holds beyond noise" in c.row()["paired by seed, 95% t interval"]
+    assert "within noise (right sign)" in c.row()["Welch (secondary), 95% interval"]
+    assert Comparison("A", "m", a, b, paired_design=False).verdict == stats.WITHIN_RIGHT  # unpaired design: Welch
+    # Not testable: identical arms (+0.00 is not "does not hold"), one seed, a side not run.
+    same = Comparison("A", "m", a, Cell(dict(a.values)))
+    assert same.verdict == stats.NOT_TESTABLE and same.paired.why == "identical arms"
+    assert same.welch.label == stats.NOT_TESTABLE
+    one = Comparison("A", "m", Cell({"0": 10.0}), Cell({"0": 5.0}))
+    assert one.verdict == stats.NOT_TESTABLE and one.paired.why == "one seed" and one.welch.why == "one seed on a side"
+    assert Comparison("A", "m", Cell(), b).verdict == stats.NOT_TESTABLE
+    assert "a side not run" in Comparison("A", "m", Cell(), b).row()["verdict (primary)"]
+    # Costs: lower is better; constant per-seed gaps (zero spread) are beyond noise.
+    fast = Comparison("faster", "s", Cell({"0": 10.0, "1": 11.0}), Cell({"0": 30.0, "1": 31.0}), lower_is_better=True)
+    assert fast.verdict == stats.BEYOND and fast.paired.low == fast.paired.high == pytest.approx(-20.0)
+    assert Comparison("faster", "s", Cell({"0": 30.0, "1": 31.0}), Cell({"0": 10.0, "1": 11.0}),
+                      lower_is_better=True).verdict == stats.CONTRADICTED
+    # "About as good": a zero mean difference (not identical arms) counts as the right sign.
+    tie = Comparison("q", "m", Cell({"0": 11.0, "1": 9.0}), Cell({"0": 10.0, "1": 10.0}), not_worse=True)
+    assert tie.paired.diff == 0 and tie.verdict == stats.WITHIN_RIGHT
+    assert Comparison("q", "m", Cell({"0": 11.0, "1": 9.0}), Cell({"0": 10.0, "1": 10.0})).verdict == \
+        stats.WITHIN_WRONG
+
+
+def test_primary_verdict_needs_the_query_bootstrap_to_agree():
+    a, b = _paired_cells((1.0, 1.2, 1.0))  # paired seed test: beyond noise
+    assert Comparison("A", "m", a, b, query=(1.0, 0.2, 1.8, 3)).verdict == stats.BEYOND  # both beyond
+    within = Comparison("A", "m", a, b, query=(1.0, -0.3, 2.1, 3))
+    assert within.query_test.label == stats.WITHIN_RIGHT and within.verdict == stats.WITHIN_RIGHT
+    assert "(k=3): within noise (right sign)" in within.row()["queries: paired bootstrap, 95% interval"]
+    assert Comparison("A", "m", a, b, query=(-1.0, -1.8, -0.2, 3)).verdict == stats.WITHIN_RIGHT  # disagree
+    worse, w = _paired_cells((-1.0, -1.2, -1.0))
+    assert Comparison("A", "m", worse, w, query=(-1.0, -1.8, -0.2, 3)).verdict == stats.CONTRADICTED
+    assert Comparison("A", "m", worse, w, query=(-1.0, -1.8, 0.2, 3)).verdict == stats.WITHIN_WRONG
+    # Identical rankings: the bootstrap is not testable and leaves the seed test's verdict.
+    assert stats.bootstrap_test((0.0, 0.0, 0.0, 3)).label == stats.NOT_TESTABLE
+    assert Comparison("A", "m", a, b, query=(0.0, 0.0, 0.0, 3)).verdict == stats.BEYOND
+    # One seed: the seed test is not testable, whatever the bootstrap says (the verdict needs seed noise too).
+    one = Comparison("A", "m", Cell({"0": 10.0}), Cell({"0": 5.0}), query=(5.0, 3.0, 7.0, 1))
+    assert one.verdict == stats.NOT_TESTABLE and one.query_test.label == stats.BEYOND
 
 
 def test_per_query_scores_and_paired_bootstrap():
@@ -188,7 +231,7 @@ def store(tmp_path_factory):
               "peak_memory/fit_gib": 3.0 if s == 1 else 2.0 + 0.01 * seed},
              {"backbone": {"vtc_factor": s}, "data": {"batch_size": 8}}, s)
     tracking.update_sweep_parent(t9, "backbone.vtc_factor", tracking_uri=uri, final=True)
-    # Table 7: one pipeline per seed; the step labels are experiments/stages.py's.
+    # Table 7: one pipeline per seed; the step labels are mmembed/launch/summary.py's.
     pipes = []
     for seed in (0, 1):
         tags = {"mmembed.experiment": "pipeline"} | ({tracking.SEED_TAG: seed} if seed == 0 else {})
@@ -234,20 +277,22 @@ def test_report_tables_cells_failed_runs_claims_and_plots(store):
     assert "- ablation_lora_r8 seed 2 — FAILED" in md
     assert "- ablation_lora_r32 seed 2 — FAILED: ValueError: r too large (no run was created)" in md
     t10 = {c.claim: c for c in sections[3].claims}
-    assert t10["r=16 best on Avg.: r=16 vs r=8"].verdict == stats.BEYOND  # 70 vs 66, 2·SE = 2.35
-    assert t10["r=16 best on Avg.: r=16 vs r=32"].verdict == stats.BEYOND
+    # r=16 vs r=8: per-seed gaps 4 and 3 (seeds 0, 1): a paired t interval with 1 degree of freedom holds 0.
+    assert t10["r=16 best on Avg.: r=16 vs r=8"].paired.label == stats.WITHIN_RIGHT
+    assert t10["r=16 best on Avg.: r=16 vs r=8"].verdict == stats.WITHIN_RIGHT
+    assert t10["r=16 best on Avg.: r=16 vs r=32"].verdict == stats.BEYOND  # gaps 2.5 and 2.75
     assert "Ours is best on Avg. at **r = 16** (paper: r = 16)." in md
     # The paired bootstrap over queries from the runs' eval files: MMEB 100 vs 50, VisDoc NDCG@5 100 vs 81.55.
     d, lo, hi, k = t10["r=16 best on Avg.: r=16 vs r=8"].query
     assert k == 2 and d == pytest.approx((50.0 + (100.0 - (10 * 100.0 + 10 * 100.0 / math.log2(3)) / 20)) / 2)
-    assert 0 < lo < d < hi and t10["r=16 best on Avg.: r=16 vs r=8"].query_verdict == stats.BEYOND
+    assert 0 < lo < d < hi and t10["r=16 best on Avg.: r=16 vs r=8"].query_test.label == stats.BEYOND
     assert t10["r=16 best on Avg.: r=16 vs r=32"].query is None  # r=32 logged no eval files
     # Table 8: hn0 fills n=0 of both columns; judge beats rule; the peak.
     t8 = {(c.claim, c.metric): c for c in sections[1].claims}
-    assert t8[("(b) MLLM beats rule at n=4", "MMEB")].a.mean == 55.5 and t8[("(b) MLLM beats rule at n=4",
-                                                                             "MMEB")].b.mean == 51.5
-    assert t8[("(a) MLLM HN n=4 beats n=0", "Avg.")].verdict in (stats.BEYOND, stats.WITHIN)
-    assert t8[("(a) MLLM HN n=4 beats n=0", "Avg.")].paired[0] == 2
+    b4 = t8[("(b) MLLM judge beats rule at n=4", "MMEB")]
+    assert b4.a.mean == 55.5 and b4.b.mean == 51.5
+    assert t8[("(a) MLLM judge HN n=4 beats n=0", "Avg.")].verdict == stats.BEYOND  # the same +4.5 at both seeds
+    assert t8[("(a) MLLM judge HN n=4 beats n=0", "Avg.")].paired.n == 2
     assert "| 0 | 50.50 ± 0.71 (n=2) | 65.5 |" in md
     assert "ours peaks at **n = 16** on MMEB" in md
     assert "| 12 | — | 68.0 |" in md  # a point the paper has and we did not run
@@ -255,15 +300,18 @@ def test_report_tables_cells_failed_runs_claims_and_plots(store):
     assert "training time **2.00×** (paper 2.30×), peak memory **1.50×**" in md
     t9 = {c.claim: c.verdict for c in sections[2].claims}
     assert t9["s=2 trains faster than s=1"] == stats.BEYOND and t9["s=2 uses less memory than s=1"] == stats.BEYOND
-    assert t9["s=2 about as good as s=1"] == "holds (not worse)"
+    assert t9["s=2 about as good as s=1"] == stats.NOT_TESTABLE  # identical arms (the same scores at both seeds)
+    # The headline counts use the primary verdicts: Table 9 has 2 beyond noise and 2 not testable.
+    assert "| 9 | 4 | 2 | 0 | 0 | 0 | 2 |" in md and "| table | claims | holds beyond noise |" in md
     # Table 7: the paper's rows beside ours; stage 3 lowers VisDoc here (43 < 44): does not hold.
     assert "| + global HNM | + Global-HNM | 35.50 ± 0.71 (n=2) | 65.4 | 44.25 ± 0.35 (n=2) | 70.7 |" in md
     t7 = {(c.claim, c.metric): c.verdict for c in sections[0].claims}
-    assert t7[("+ MLLM-Judge-FT (stage 3) improves on the row above", "VisDoc")] == stats.FAILS
+    assert t7[("+ MLLM-Judge-FT (stage 3) improves on the row above", "VisDoc")] == stats.CONTRADICTED  # -1, -1
     assert t7[("+ Global-HNM improves on the row above", "MMEB")] == stats.BEYOND
     assert "1 of the 2 stage runs stand for stages reused from an earlier run" in md  # their build time is elsewhere
-    # Header: the runs and the test used.
-    assert store["t10"] in md and "Welch" in md and "## Commands that made these runs" in md
+    # Header: the runs and the tests used; the commands are the ones the runs recorded when they started.
+    assert store["t10"] in md and "scipy.stats.ttest_rel" in md and "ttest_ind(equal_var=False)" in md
+    assert "## Commands that made these runs" in md and f"  {tracking.command_line()}   # " in md
 
 
 def test_missing_tables_are_not_run_and_cli_writes(tmp_path):
@@ -280,12 +328,87 @@ def test_missing_tables_are_not_run_and_cli_writes(tmp_path):
     assert md.count("**Not run**") == 3  # Tables 7, 8, 9
     assert "python experiments/run.py -m '+exp=glob(ablation_hn*)' seed=0,1,2" in md
     assert f"newer sweep(s) not used: `{newer}` (RUNNING)" in md
-    assert f"From `{cmds}`" in md and (tmp_path / "img" / "repro_table10.png").is_file()
+    assert f"Also quoted, from `{cmds}`" in md and (tmp_path / "img" / "repro_table10.png").is_file()
     assert not (tmp_path / "img" / "repro_table8.png").exists()
     # Pinning the running sweep reports it instead.
     assert main(["--tracking-uri", uri, "--out", str(out), "--img-dir", str(tmp_path / "img"), "--tables", "10",
                  "--parent", f"10={newer}"]) == 0
     assert f"`{newer}` (RUNNING" in out.read_text()
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int, bytes]]:
+    """``{relative path: (size, mtime ns, first bytes)}`` of every file under ``folder``."""
+    return {str(f.relative_to(folder)): (f.stat().st_size, f.stat().st_mtime_ns, f.read_bytes()[:256])
+            for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_report_without_out_writes_under_the_run_root_and_leaves_docs_untouched(store, tmp_path, monkeypatch,
+                                                                                capsys):
+    """``mmembed-report`` run from the repository without --out: the report and its plots go to
+    ``$MMEMBED_ROOT/reports``; the repository's docs/ (the shipped report and its plots) stay byte for byte."""
+    before = _tree(ROOT / "docs")
+    assert any(name.startswith("img") for name in before)  # the shipped plots are there to be damaged
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("MMEMBED_ROOT", str(tmp_path))
+    assert main(["--tracking-uri", store["uri"], "--tables", "9,10", "--bootstrap", "0"]) == 0
+    assert f"wrote {tmp_path / 'reports' / 'reproduction.md'}" in capsys.readouterr().out
+    md = (tmp_path / "reports" / "reproduction.md").read_text()
+    assert "](img/repro_table10.png)" in md and (tmp_path / "reports" / "img" / "repro_table9.png").is_file()
+    assert _tree(ROOT / "docs") == before
+    # Without MMEMBED_ROOT the run root is the current folder: its docs/ is left alone too.
+    work = tmp_path / "work"
+    (work / "docs").mkdir(parents=True)
+    (work / "docs" / "reproduction.md").write_text("shipped\n")
+    monkeypatch.delenv("MMEMBED_ROOT")
+    monkeypatch.chdir(work)
+    assert main(["--tracking-uri", store["uri"], "--tables", "10", "--bootstrap", "0"]) == 0
+    assert (work / "reports" / "reproduction.md").is_file()
+    assert (work / "docs" / "reproduction.md").read_text() == "shipped\n" and _tree(work / "docs").keys() == \
+        {"reproduction.md"}
+    # --out - prints the markdown instead (plots still under the run root, linked by absolute path).
+    (work / "reports" / "reproduction.md").unlink()
+    capsys.readouterr()
+    assert main(["--tracking-uri", store["uri"], "--tables", "10", "--bootstrap", "0", "--out", "-"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("# Reproduction of the paper's ablations")
+    assert f"]({(work / 'reports' / 'img' / 'repro_table10.png').as_posix()})" in printed
+    assert not (work / "reports" / "reproduction.md").exists()
+
+
+def test_runs_record_their_command_line(tmp_path, monkeypatch):
+    """The tag the report reads: a run logger's run and a pipeline parent carry the command that started them."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setattr(sys, "argv", ["experiments/run.py", "-m", "+exp=glob(ablation_hn*)", "seed=0,1"])
+    assert tracking.command_line() == "python experiments/run.py -m '+exp=glob(ablation_hn*)' seed=0,1"
+    uri = fresh_sqlite_uri(tmp_path / "logs")
+    logger = tracking.make_mlflow_logger("mmembed", tracking_uri=uri, output_dir=tmp_path / "logs")
+    tracking.log_config(logger, {"seed": 0}, experiment="x")
+    pipe = tracking.start_pipeline_run("mmembed", "pipeline", uri, tmp_path / "logs")
+    client = MlflowClient(uri)
+    for run_id in (logger.run_id, pipe):
+        assert client.get_run(run_id).data.tags[tracking.COMMAND_TAG] == tracking.command_line()
+    found, missing = collect.recorded_commands([client.get_run(pipe)], [client.get_run(logger.run_id)])
+    assert found == [(tracking.command_line(), [pipe, logger.run_id])] and missing == 0
+
+
+def test_plots_give_the_paper_its_own_axes_and_the_legend_its_own_place():
+    """One axis per metric for ours and one for the paper (no twin y-axis), one legend outside the panels."""
+    from mmembed.report.plots import Panel, Series, draw_panels
+
+    cells = [Cell({"0": 1.0, "1": 2.0}), Cell({"0": 3.0, "1": 3.5})]
+    panels = [Panel(m, [Series("judge", cells), Series("rule", cells[::-1]), Series("judge", paper=[60.0, 61.0]),
+                        Series("rule", paper=[59.0, None])]) for m in ("MMEB", "VisDoc")]
+    fig = draw_panels(["0", "4"], panels, "t")
+    assert len(fig.axes) == 4  # 2 metrics x (ours, paper); a twinx would add axes
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["MMEB: ours (mean ± std)", "VisDoc: ours (mean ± std)", "MMEB: paper",
+                      "VisDoc: paper"]
+    assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["judge", "rule"]
+    fig.canvas.draw()  # the legend lies right of every panel, outside the data
+    legend_box = fig.legends[0].get_window_extent()
+    assert all(legend_box.x0 >= ax.get_window_extent().x1 for ax in fig.axes)
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
@@ -297,6 +420,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert main(["--tracking-uri", uri, "--parent", "11=abc"]) == 2
     assert "TABLE=RUN_ID" in capsys.readouterr().err
     assert main(["--tables", "6"]) == 2
+    assert main(["--tracking-uri", uri, "--commands", str(tmp_path / "none.sh")]) == 2
+    assert "--commands" in capsys.readouterr().err
 
 
 def test_step_labels_are_the_pipelines():
@@ -342,6 +467,9 @@ def test_report_from_a_real_two_point_two_seed_sweep(tmp_path):
     for row in rows.values():  # mean ± std over the two seeds beside the paper's value, for MMEB, VisDoc, Avg.
         assert row.count("(n=2)") == 3 and "| 62.9 |" in row
     assert "Failed or unfinished runs: none." in md
+    # The commands section lists the sweep's own command line, as its runs recorded it.
+    assert f"  python {ROOT / 'experiments' / 'run.py'} -m +exp=ablation_lora_r8,ablation_lora_r16 seed=0,1 " in md
+    assert "recorded no command" not in md
 
 
 @pytest.mark.slow
@@ -374,3 +502,29 @@ def test_tables_8_and_9_smoke_sweeps_reach_the_report(tmp_path):
     rows9 = re.findall(r"^\| InternVL3.*s=(\d) \| ([\d.]+) \(n=1\) \| [^|]+ \| ([\d.]+) \(n=1\) \|", md, re.M)
     assert {s for s, _, _ in rows9} == {"1", "2"}
     assert all(float(fit) > 0 and float(mem) >= 0 for _, fit, mem in rows9)  # time and peak memory measured
+
+
+def test_table8_names_the_simulated_judge_and_keeps_the_margin_control_apart(tmp_path):
+    """Runs curated by the simulated expert judge are labelled so; margin-control runs get their own column."""
+    root = tmp_path / "logs"
+    uri = fresh_sqlite_uri(root)
+    points = [("ablation_hn0", {}, (50.0, 60.0)), ("ablation_hn4", {"model": "simulated"}, (56.0, 64.0)),
+              ("ablation_hn4_rule", {"strategy": "rule"}, (51.0, 60.5)),
+              ("ablation_hn4", {"strategy": "margin", "margin": 0.01}, (53.0, 61.0))]
+    for seed in (0, 1):
+        parent = tracking.start_sweep("mmembed", tmp_path / "multirun" / f"s{seed}", {"seed": [str(seed)]},
+                                      num_jobs=len(points), tracking_uri=uri, output_dir=root)
+        for job, (exp, judge, (mmeb, visdoc)) in enumerate(points):
+            n = 0 if exp == "ablation_hn0" else 4
+            _job(uri, root, parent, job, exp, seed, {MMEB: mmeb + seed, VISDOC: visdoc + seed},
+                 {"hard_negatives": n, "judge": judge}, n)
+        tracking.update_sweep_parent(parent, "hard_negatives", tracking_uri=uri, final=True)
+        time.sleep(0.01)
+    section = tables.table8(collect.Store(uri, "mmembed"), tmp_path / "r.md", tmp_path / "img")
+    md = "\n".join(section.body)
+    assert "simulated expert judge MMEB (ours)" in md and "margin control MMEB (ours)" in md
+    assert "the **simulated expert judge**" in md
+    claims = {(c.claim, c.metric): c for c in section.claims}
+    assert claims[("(b) simulated expert judge beats rule at n=4", "MMEB")].a.mean == 56.5  # not mixed with margin
+    assert claims[("(d) simulated expert judge beats the margin control at n=4", "Avg.")].b.mean == pytest.approx(
+        (53.5 + 61.5) / 2)

@@ -213,8 +213,8 @@ def test_reranker_scores_batches_and_implements_the_rerank_hook(tiny_backbone, b
     assert dist.shape == (4,) and float(dist.sum()) == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ValueError, match="1..9 candidates"):
         listwise.score_listwise(q, cands * 3)
-    with pytest.raises(TypeError, match="not an mmembed.Item"):
-        rr.score(q, ["a string"])
+    with pytest.raises(TypeError, match="candidate 0: input 1 is a int"):
+        rr.score(q, [3])
     # The E+R hook: the shortlist (top 3 by embedding) is re-ordered by P(Yes), the tail keeps its order.
     scores = torch.tensor([[0.9, 0.8, 0.7, 0.1]])
     out = rerank_topk(scores, [q], lambda r, j: cands[j], rr, k=3)
@@ -325,3 +325,25 @@ def test_exp_reranker_trains_two_steps_evaluates_e_and_e_plus_r_and_exports(tmp_
 
     rr = Reranker.from_pretrained(out / "reranker", device="cpu")
     assert rr.score(Item(text="a red circle", instruction=INSTR), [Item(text="red")]).shape == (1,)
+
+
+def test_reranker_takes_the_embedders_inputs_and_ranks_like_a_cross_encoder(tiny_backbone, builder, tmp_path):
+    from mmembed import Reranker
+
+    rr = Reranker(tiny_backbone, builder, batch_size=2)
+    red = make_image(color="red")
+    red.save(tmp_path / "red.png")
+    docs = ["a red circle", red, {"text": "a green shape", "image": make_image(color="green")}, tmp_path / "red.png"]
+    items = [Item(text="a red circle"), Item(image=red), Item(text="a green shape", image=make_image(color="green")),
+             Item(image=tmp_path / "red.png")]
+    plain = rr.score("red circle", docs)
+    torch.testing.assert_close(plain, rr.score(Item(text="red circle"), items))
+    torch.testing.assert_close(plain[1], plain[3])  # the PIL image and its saved file are the same candidate
+    ranked = rr.rank("red circle", docs, return_documents=True)
+    assert [r["corpus_id"] for r in ranked] == sorted(range(4), key=lambda i: (-float(plain[i]), i))
+    assert [r["score"] for r in ranked] == sorted((float(s) for s in plain), reverse=True)
+    assert all(r["text"] is docs[r["corpus_id"]] for r in ranked)
+    top = rr.rank({"text": "red circle", "instruction": INSTR}, docs, top_k=2)
+    assert len(top) == 2 and set(top[0]) == {"corpus_id", "score"} and top[0]["score"] >= top[1]["score"]
+    with pytest.raises(TypeError, match="candidates must be a list"):
+        rr.rank("q", "one string")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mmembed import Item
+from mmembed.data.images import open_image
 from mmembed.serve.protocol import (
     EmbeddingJob,
     Limits,
@@ -50,9 +51,11 @@ def test_parse_valid_requests_into_items():
     assert job.role == "candidate" and job.model == "m" and job.encoding_format == "base64"
     a, b, c = job.items
     assert a == Item(text="plain text", instruction=INST)
-    assert b.text == "a caption" and b.instruction == "own" and b.image.size == (40, 30)
-    assert np.array_equal(np.asarray(b.image), np.asarray(img))  # PNG is lossless: the very pixels sent
-    assert c.kind == "document" and c.instruction == INST and c.image.mode == "RGB"
+    # images travel to the worker as their checked, encoded bytes; the worker decodes them with the one decoder
+    assert isinstance(b.image, bytes) and isinstance(c.image, bytes)
+    assert b.text == "a caption" and b.instruction == "own" and open_image(b.image).size == (40, 30)
+    assert np.array_equal(np.asarray(open_image(b.image)), np.asarray(img))  # PNG is lossless: the very pixels sent
+    assert c.kind == "document" and c.instruction == INST and open_image(c.image).mode == "RGB"
     single = parse_embedding_request({"input": "just one"}, Limits())
     assert single.role == "query" and single.items == [Item(text="just one")]
 
@@ -73,7 +76,7 @@ def test_parse_valid_requests_into_items():
     ({"input": [[1, 2, 3]]}, 400, "invalid_request", "token-id inputs are not supported"),
     ({"input": "x", "role": "document"}, 400, "invalid_request", "role must be 'query' or 'candidate'"),
     ({"input": "x", "encoding_format": "int8"}, 400, "invalid_request", "encoding_format must be"),
-    ({"input": "x", "dimensions": 32}, 400, "invalid_request", "returns 64-d embeddings and does not truncate"),
+    ({"input": "x", "dimensions": 65}, 400, "invalid_request", "dimensions=65: give an integer from 1 to 64"),
     ({"input": "x" * 20_001}, 413, "text_too_long", "input[0] has 20001 characters"),
     (["not", "an", "object"], 400, "invalid_request", "must be a JSON object"),
 ])
@@ -131,6 +134,103 @@ def test_rerank_option_is_guarded():
             build_server("tiny", reranker="some/folder")
     else:
         assert callable(load_reranker_class().score)
+
+
+def _png_b64(side: int) -> str:
+    return _b64(make_image(side, side, "red"))
+
+
+def test_the_request_pixel_budget_is_checked_from_headers_before_any_decoding(monkeypatch):
+    from mmembed.data import images
+    from mmembed.serve import protocol
+
+    # the issue's flood: 32 PNGs of 4096x4096 (each within the per-image limit) in one small body
+    big = base64.b64encode(bomb_png(4096, 4096)).decode()
+    decoded = []
+    monkeypatch.setattr(images, "open_image", lambda *a, **k: decoded.append(1))
+    err = _error({"input": [{"image": big} for _ in range(32)]})
+    assert (err.status, err.code) == (413, "images_too_large") and "the limit is 33554432 per request" in err.message
+    assert decoded == []  # refused from the headers alone
+    with pytest.raises(RequestError, match="images of this request hold"):
+        parse_rerank_request({"query": {"image": big}, "documents": [{"image": big}] * 2}, Limits())
+    assert protocol.request_pixels({"query": {"image": big}, "documents": [{"image": big}]}, Limits(),
+                                   rerank=True) == 2 * 4096 * 4096
+    assert decoded == []
+    # a real, compressible 4096x4096 PNG: its pixels are not decoded either (PIL's PNG getexif() would decode them)
+    from PIL import Image, ImageFile
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4096, 4096), (200, 30, 30)).save(buf, format="PNG")
+    real = base64.b64encode(buf.getvalue()).decode()
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append("load"))
+    assert _error({"input": [{"image": real} for _ in range(32)]}).code == "images_too_large"
+    assert decoded == []
+    monkeypatch.undo()
+    small = Limits(max_image_pixels=64 * 64, max_request_pixels=2 * 64 * 64, max_batch_pixels=2 * 64 * 64)
+    assert protocol.request_pixels({"input": [{"image": _png_b64(64)}, "text", {"image": _png_b64(32)}]},
+                                   small) == 64 * 64 + 32 * 32
+    assert len(parse_embedding_request({"input": [{"image": _png_b64(64)}] * 2}, small).items) == 2
+    err = _error({"input": [{"image": _png_b64(64)}] * 3}, small)
+    assert (err.status, err.code) == (413, "images_too_large")
+    with pytest.raises(ValueError, match="must not exceed max_batch_pixels"):
+        Limits(max_request_pixels=10, max_batch_pixels=5)
+
+
+def test_pixel_budget_makes_concurrent_requests_take_turns():
+    import asyncio
+
+    from mmembed.serve.server import PixelBudget
+
+    async def scenario():
+        budget, order = PixelBudget(10), []
+
+        async def request(name, pixels, hold):
+            await budget.acquire(pixels, timeout=5)
+            order.append(f"+{name}")
+            await asyncio.sleep(hold)
+            order.append(f"-{name}")
+            await budget.release(pixels)
+
+        await asyncio.gather(request("a", 6, 0.05), request("b", 6, 0.0), request("c", 4, 0.0))
+        assert budget.used == 0
+        await budget.acquire(10, timeout=1)
+        with pytest.raises(TimeoutError):
+            await budget.acquire(1, timeout=0.05)
+        return order
+
+    order = asyncio.run(scenario())
+    # a and c fit together (6 + 4); b waits until a is done
+    assert order.index("+b") > order.index("-a") and order.index("+c") < order.index("-a")
+
+
+class _FakeRequest:
+    """Enough of a Starlette request for ``_JSONSpec.endpoint``: headers and a streamed body."""
+
+    def __init__(self, body: bytes) -> None:
+        self.headers = {"content-length": str(len(body))}
+        self._body = body
+
+    async def stream(self):
+        for i in range(0, len(self._body), 65536):
+            yield self._body[i : i + 65536]
+
+
+def test_deeply_nested_json_and_oversized_image_sets_are_answered_before_the_queue():
+    pytest.importorskip("litserve")
+    import asyncio
+    import json
+
+    from mmembed.serve.server import EmbeddingSpec
+
+    spec = EmbeddingSpec(Limits(), embed_dim=64)  # no queue attached: reaching it would raise AttributeError
+    nested = b'{"input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = asyncio.run(spec.endpoint(_FakeRequest(nested)))
+    assert r.status_code == 400 and json.loads(r.body)["error"]["code"] == "bad_json"
+    big = base64.b64encode(bomb_png(4096, 4096)).decode()
+    body = json.dumps({"input": [{"image": big} for _ in range(32)]}).encode()
+    r = asyncio.run(spec.endpoint(_FakeRequest(body)))
+    assert r.status_code == 413 and json.loads(r.body)["error"]["code"] == "images_too_large"
+    assert spec.budget.used == 0
 
 
 # ------------------------------------------------------------------------------------------- the real server
@@ -201,3 +301,17 @@ def test_server_concurrent_requests_are_batched_and_correct(server, tiny_embedde
     assert all(r.status_code == 200 for r in results)
     got = torch.tensor([r.json()["data"][0]["embedding"] for r in results])
     assert (got - tiny_embedder.encode(texts, role="query")).abs().max() < 1e-5
+
+
+@pytest.mark.slow
+def test_server_peak_memory_under_image_floods_stays_under_2_gb(tmp_path):
+    """The issue's 32 x 4096x4096 PNG request, the largest admitted one, and two of those at once (default limits)."""
+    pytest.importorskip("litserve")
+    pytest.importorskip("requests")
+    from benchmarks.bench_server_memory import GIB, measure
+
+    res = measure("tiny", parallel=2, log_path=tmp_path / "server.log")
+    assert res["flood"]["status"] == [413] and res["flood"]["errors"] == ["images_too_large"]
+    assert res["largest"]["status"] == [200] and res["parallel"]["status"] == [200]
+    for kind in ("flood", "largest", "parallel"):  # sum over the server's processes of their peak RSS
+        assert res[kind]["peak_gib"] * GIB < 2e9, res

@@ -151,3 +151,64 @@ def test_scene_rules_that_the_generators_rely_on():
         for ex in ds.generate(random.Random(1), 6, 64):
             assert ex.answered_by(ex.pos), ds.name
             assert not any(ex.answered_by(c) for c in ex.negatives + ex.hard), ds.name
+
+
+# ------------------------------------------------------------------------------------- planted false negatives
+def _planted(name: str, rate: float, n: int = 24) -> tuple[list, int]:
+    from mmembed.data.synth.tasks import BY_NAME, plant_false_negatives
+
+    ds = BY_NAME[name]
+    examples = ds.generate(random.Random(f"t/{name}"), n, 64)
+    return plant_false_negatives(examples, random.Random(f"fn/{name}"), rate)
+
+
+def test_false_negatives_are_planted_in_every_training_set_and_really_answer():
+    from mmembed.data.synth.tasks import Cand
+
+    with_fn = []
+    for ds in DATASETS:
+        if ds.ood:
+            continue
+        examples, planted = _planted(ds.name, 0.5)
+        assert planted > 0, ds.name
+        fns = world.false_negative_ids(examples, ds.name)
+        by_id: dict[str, Cand] = {f"{ds.name}/{ex.pos.uid}": ex.pos for ex in examples}
+        pairs = [(ex, by_id[f]) for ex, ids in zip(examples, fns) for f in ids]
+        for ex, cand in pairs:  # every recorded false negative is a valid positive of its query, not the positive
+            assert ex.answered_by(cand) and cand.uid != ex.pos.uid, ds.name
+        with_fn.append(ds.name) if pairs else None
+        for ex in examples:  # a planted sibling's false negatives include the example it was planted from
+            if ex.meta.get("planted") == "sibling":
+                source = next(e for e in examples if e.q_uid == ex.meta["planted_from"])
+                assert ex.answered_by(source.pos)
+    assert len(with_fn) >= 10, with_fn
+
+
+def test_rate_zero_plants_nothing_and_the_rate_is_a_dose():
+    from mmembed.data.synth.tasks import BY_NAME, plant_false_negatives
+
+    examples = BY_NAME["synth_cls_color"].generate(random.Random("t"), 40, 32)
+    same, planted = plant_false_negatives(examples, random.Random("fn"), 0.0)
+    assert planted == 0 and [e.pos for e in same] == [e.pos for e in examples]
+    counts = [_planted("synth_ret_i2t", rate, n=60)[1] for rate in (0.1, 0.4, 0.8)]
+    assert counts[0] < counts[1] < counts[2]
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        plant_false_negatives(examples, random.Random("fn"), 1.5)
+
+
+def test_world_records_planted_false_negatives_and_eval_stays_clean(synth_ci):
+    out, manifest = synth_ci
+    assert manifest["false_negative_rate"] == world.DEFAULT_FALSE_NEGATIVE_RATE
+    planted = sum(e["planted_false_negatives"] for e in manifest["train"].values())
+    assert planted == manifest["totals"]["planted_false_negatives"]
+    seen = {}
+    for d in iter_decoded(str(out / "train")):
+        if d.sample.meta.get("planted"):
+            seen[d.sample.id] = d.sample
+    assert len(seen) == planted
+    # paraphrases never reach an evaluation set: a label subset's candidates are exactly its vocabulary
+    suite = load_mmeb_suite(out / "eval/mmeb")
+    for ds in DATASETS:
+        if ds.vocabulary is not None and ds.name in suite:
+            texts = {c.text for c in suite[ds.name].candidates}
+            assert texts <= set(ds.vocabulary), (ds.name, texts - set(ds.vocabulary))

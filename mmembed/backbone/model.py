@@ -15,7 +15,7 @@ from mmembed.backbone.inputs import InputBuilder, TilePolicy
 from mmembed.backbone.pooling import last_token_pool
 from mmembed.backbone.presets import PRESETS, preset_config
 from mmembed.backbone.tokenizer import ImageOnlyInternVLProcessor, build_image_processor, build_tokenizer
-from mmembed.backbone.vtc import PLACEMENTS, apply_vtc, tokens_per_tile
+from mmembed.backbone.vtc import PLACEMENTS, apply_vtc, check_in_tower, tokens_per_tile
 
 DEFAULT_VTC_FACTOR = 2
 DEFAULT_PLACEMENT = "pre_shuffle"
@@ -59,6 +59,20 @@ def resolve_vtc(name_or_path, vtc_factor: int | None, vtc_placement: str | None,
     if placement not in PLACEMENTS:
         raise ValueError(f"vtc_placement must be one of {PLACEMENTS}, got {placement!r}")
     return int(factor), placement
+
+
+def resolve_in_tower(in_tower_layer: int | str | None, saved: dict) -> int | None:
+    """The in-tower block: explicit ``k`` wins, ``"off"`` / ``"none"`` turns it off, ``None`` takes what an
+    mmembed-saved folder recorded (``vtc_in_tower_layer``), else off (the paper's VTC)."""
+    if in_tower_layer is None:
+        return saved.get("vtc_in_tower_layer")
+    if isinstance(in_tower_layer, str):
+        if in_tower_layer.strip().lower() in ("off", "none", "null", ""):
+            return None
+        if not in_tower_layer.strip().isdigit():
+            raise ValueError(f"in_tower_layer={in_tower_layer!r}: give a vision block index (0..L) or 'off'")
+        return int(in_tower_layer)
+    return int(in_tower_layer)
 
 
 def load_config(name_or_path: str | Path) -> InternVLConfig:
@@ -152,15 +166,19 @@ class VTCBackbone(nn.Module):
         vtc_factor: compression factor ``s`` (1 = native InternVL3, 2 = paper, 4).
         vtc_placement: ``pre_shuffle`` (default) or ``post_shuffle``; see ``mmembed.backbone.vtc``.
         input_builder: the matching input builder; checked against the compression here.
+        in_tower_layer: ``None`` (the paper's VTC) or the vision block after which the tower itself downsamples
+            (in-tower compression, see ``mmembed.backbone.vtc``).
     """
 
     def __init__(self, model: nn.Module, vtc_factor: int = DEFAULT_VTC_FACTOR,
-                 vtc_placement: str = DEFAULT_PLACEMENT, input_builder: InputBuilder | None = None) -> None:
+                 vtc_placement: str = DEFAULT_PLACEMENT, input_builder: InputBuilder | None = None,
+                 in_tower_layer: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.vtc_factor = vtc_factor
         self.vtc_placement = vtc_placement
-        self.tokens_per_tile = apply_vtc(self.internvl, vtc_factor, vtc_placement)
+        self.in_tower_layer = in_tower_layer
+        self.tokens_per_tile = apply_vtc(self.internvl, vtc_factor, vtc_placement, in_tower_layer)
         if input_builder is not None:
             self.check_processor(input_builder.processor)
         self._input_builder = input_builder
@@ -249,6 +267,7 @@ def build_backbone(
     use_chat_template: bool | None = None,
     max_text_tokens: int | None = None,
     pooled_token: str | None = None,
+    in_tower_layer: int | str | None = None,
 ) -> VTCBackbone:
     """Build the shared backbone — model and its ``InputBuilder`` — from a preset (random init, seeded) or a folder.
 
@@ -269,15 +288,20 @@ def build_backbone(
         max_text_tokens: cap on an item's free text (default 256).
         pooled_token: ``"eos"`` (default: ``<|im_end|>`` appended and pooled, the paper's single [EOS] token) or
             ``"prompt_end"`` (the last prompt token; folders saved before the setting existed used it).
+        in_tower_layer: in-tower compression after vision block ``k`` (0 = embeddings, 1..L = layers; needs
+            ``vtc_factor`` >= 2); ``"off"`` for none; default: what the folder recorded, else off (the paper's VTC).
     """
     saved = saved_settings(name_or_path)
     factor, placement = resolve_vtc(name_or_path, vtc_factor, vtc_placement, saved)
+    in_tower = resolve_in_tower(in_tower_layer, saved)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     ft = finetune if isinstance(finetune, FinetuneConfig) else FinetuneConfig(**(finetune or {"mode": "frozen"}))
     # One read of the config for the processor and the model; a factor that does not divide the grid fails here,
     # before any weight loads.
     processor, config = load_processor(name_or_path, factor)
+    if in_tower is not None:  # a bad block index or a factor of 1 fails here too, before any weight loads
+        check_in_tower(config, factor, placement, in_tower)
     builder = _input_builder(
         processor,
         tile_policy if tile_policy is not None else saved.get("tile_policy"),
@@ -292,7 +316,7 @@ def build_backbone(
         model = apply_finetuning(model, ft)
     # transformers' from_pretrained returns the model in eval mode; a built backbone is for training (Lightning
     # otherwise keeps dropout off and warns "Found N module(s) in eval mode"). Inference callers call .eval().
-    return VTCBackbone(model, factor, placement, input_builder=builder).train()
+    return VTCBackbone(model, factor, placement, input_builder=builder, in_tower_layer=in_tower).train()
 
 
 def build_input_builder(name_or_path: str | Path = "tiny", vtc_factor: int | None = None,

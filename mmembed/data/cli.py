@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _instruction_args(p: argparse.ArgumentParser) -> None:
@@ -34,7 +35,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="generate the synthetic world (shards, eval sets, stage-1 data)")
     p.add_argument("--out", required=True, help="output folder (empty, or a previous world with --overwrite)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", choices=("ci", "small", "full"), default="small")
+    p.add_argument("--size", choices=("ci", "small", "repro", "full"), default="small",
+                   help="repro: small's training data, 256 queries per MMEB subset and VisDoc set")
+    p.add_argument("--false-negative-rate", type=float, default=None,
+                   help="share of training examples given a planted false negative (default: the world's default; "
+                        "0 = the world of earlier releases)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (output does not depend on it)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous synthetic world in --out")
 
@@ -143,13 +148,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "synth":
             from mmembed.data.synth import generate
 
+            if Path(args.out).exists() and not Path(args.out).is_dir():
+                raise ValueError(f"--out {args.out} is a file; give a folder (new, empty, or a previous world with "
+                                 "--overwrite)")
             start = time.perf_counter()
-            manifest = generate(args.out, args.seed, args.size, workers=args.workers, overwrite=args.overwrite)
+            from mmembed.data.synth.world import DEFAULT_FALSE_NEGATIVE_RATE
+
+            rate = DEFAULT_FALSE_NEGATIVE_RATE if args.false_negative_rate is None else args.false_negative_rate
+            manifest = generate(args.out, args.seed, args.size, workers=args.workers, overwrite=args.overwrite,
+                                false_negative_rate=rate)
             t = manifest["totals"]
             console.print(f"wrote {t['train_samples']} training samples in {t['train_shards']} shards, "
                           f"{sum(t['mmeb_queries_by_meta_task'].values())} MMEB eval queries, "
                           f"{len(manifest['eval']['visdoc'])} VisDoc sets, {manifest['instruct']['conversations']} "
-                          f"stage-1 conversations to {args.out} in {time.perf_counter() - start:.1f}s")
+                          f"stage-1 conversations to {args.out} in {time.perf_counter() - start:.1f}s; "
+                          f"{t['planted_false_negatives']} planted false negatives (rate {rate}), "
+                          f"{t['queries_with_false_negatives']} training queries with a false negative in the corpus")
         elif args.command == "convert":
             for report in _convert(args):
                 console.print(str(report))
@@ -167,8 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mmembed.data.reading import expand_urls
 
             inspect_shards(expand_urls(args.shards), n=args.n, console=console)
-    except (ValueError, FileNotFoundError, FileExistsError) as exn:
-        console.print(f"[red]error:[/red] {exn}", highlight=False)
+    except (ValueError, OSError) as exn:  # OSError: unreadable / unwritable paths (permissions, a file for a folder)
+        print(f"mmembed-data: error: {exn}", file=sys.stderr)  # plain print: rich would wrap the line
         return 2
     return 0
 

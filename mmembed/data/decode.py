@@ -102,17 +102,29 @@ def decode_sample(
             :func:`~mmembed.data.images.open_image`).
     """
     sample = validate_raw(raw, seen_ids)
-    images: dict[str, Image.Image] = {}
+    return sample, {name: open_image(payload, max_pixels=max_pixels)
+                    for name, payload in image_members(raw, sample).items()}
+
+
+def image_members(raw: Mapping[str, Any], sample: Sample) -> dict[str, bytes | bytearray | memoryview]:
+    """The encoded image members ``sample`` names, from its raw tar group (no decoding).
+
+    Shared by :func:`decode_sample` and ``mmembed-data count``, so both find a member -- or miss it -- alike.
+
+    Raises:
+        SkipSample: ``missing_member`` (not in the group) or ``corrupt_image`` (not raw bytes).
+    """
+    members: dict[str, bytes | bytearray | memoryview] = {}
     for side in sample.sides:
-        if side.image is None or side.image in images:
+        if side.image is None or side.image in members:
             continue
         payload = raw.get(side.image, raw.get(side.image.lower()))
         if payload is None:
             raise SkipSample("missing_member", f"no member {side.image!r}")
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise SkipSample("corrupt_image", f"member {side.image!r} is not raw bytes")
-        images[side.image] = open_image(payload, max_pixels=max_pixels)
-    return sample, images
+        members[side.image] = payload
+    return members
 
 
 def side_to_item(side: Side, images: Mapping[str, Image.Image]) -> Item:

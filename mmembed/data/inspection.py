@@ -1,30 +1,30 @@
 """Shard tools for people: ``count`` (JSON members only) and ``inspect`` (decoded samples as tables).
 
-Both check samples with the same :func:`~mmembed.data.decode.validate_raw` the training reader uses, so a sample
-``count`` accepts is one training reads (``count`` does not open images; ``inspect`` does).
+Both read shards with the training reader and check samples with its checks, so a sample ``count`` accepts is one
+training reads (``count`` does not decode images; ``inspect`` does).
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from webdataset import tariterators
-
-from mmembed.data.decode import DecodedSample, validate_raw
+from mmembed.data.decode import DecodedSample, image_members, validate_raw
 from mmembed.data.reading import expand_urls, iter_decoded, shard_samples
-from mmembed.data.schema import Sample
 from mmembed.data.skips import SkipCounter, SkipSample
 
 
 def count_shards(urls: str | Sequence[str], counter: SkipCounter | None = None) -> dict[str, Any]:
-    """Count samples per dataset, task and meta-task, reading the JSON members and only the names of the others.
+    """Count samples per dataset, task and meta-task, as training would read them, without decoding images.
 
-    Samples are checked with :func:`~mmembed.data.decode.validate_raw` (the training reader's check) and their image
-    members must be present; images are not decoded, so ``corrupt_image`` and ``decompression_bomb`` show only
-    in ``inspect`` and training.
+    The shards go through the training reader itself (:func:`~mmembed.data.reading.shard_samples`: the same tar
+    grouping, truncation and corruption checks) and every sample through the same checks as
+    :func:`~mmembed.data.decode.decode_sample` -- :func:`~mmembed.data.decode.validate_raw` and
+    :func:`~mmembed.data.decode.image_members` -- short of decoding the images. So a key that comes back later in a
+    shard, or an image member cut off by a truncated copy, is counted as training counts it; only ``corrupt_image``,
+    ``unsupported_mode`` and ``decompression_bomb`` (which need the pixels) show in ``inspect`` and training alone.
 
     Returns:
         ``{"shards", "samples", "by_dataset": {name: n}, "by_task": {...}, "by_meta_task": {...},
@@ -33,56 +33,18 @@ def count_shards(urls: str | Sequence[str], counter: SkipCounter | None = None) 
     counter = counter if counter is not None else SkipCounter("count")
     urls = expand_urls(urls) if isinstance(urls, str) else list(urls)
     by: dict[str, Counter[str]] = {k: Counter() for k in ("by_dataset", "by_task", "by_meta_task", "by_shard")}
-    # Names of the non-JSON members of the shard being read, by key: enough to check the images are there.
-    others: dict[tuple[str, str], set[str]] = defaultdict(set)
-    pending: list[tuple[str, str, Sample]] = []  # this shard's valid samples, checked for members at its end
-
-    def select(fname: str) -> bool:
-        if fname.endswith(".json"):
-            return True
-        prefix, suffix = tariterators.base_plus_ext(fname)
-        if prefix is not None:
-            others[(counter._current_shard, prefix)].add(suffix.lower())
-        return False
-
-    def finish_shard(url: str) -> None:
-        with_json = {key for u, key, _ in pending if u == url}
-        for u, key, sample in pending:
-            have = others.get((u, key), set())
-            missing = [s.image for s in sample.sides if s.image is not None and s.image.lower() not in have]
-            if missing:
-                counter.add("missing_member", where=f"{u}:{key}", detail=f"no member {missing[0]!r}")
-                continue
-            for name, value in (("by_dataset", sample.dataset), ("by_task", sample.task),
-                                ("by_meta_task", sample.meta_task), ("by_shard", u)):
-                by[name][value] += 1
-        for u, key in [k for k in others if k[0] == url]:
-            if key not in with_json and key not in invalid:
-                counter.add("missing_member", where=f"{u}:{key}", detail="no .json member")
-            del others[(u, key)]
-        pending.clear()
-        invalid.clear()
-
-    invalid: set[str] = set()  # keys of this shard whose JSON was refused (their images are not counted again)
     seen_ids: set[str] = set()
-    url = None
-    for raw in shard_samples(({"url": u} for u in urls), counter, select_files=select):
-        if raw.get("__url__") != url:
-            if url is not None:
-                finish_shard(url)
-            url = raw.get("__url__")
-        key = str(raw.get("__key__", ""))
+    for raw in shard_samples(({"url": u} for u in urls), counter):
+        url, key = str(raw.get("__url__")), str(raw.get("__key__", ""))
         try:
             sample = validate_raw(raw, seen_ids)
+            image_members(raw, sample)
         except SkipSample as skip:
             counter.add(skip.reason, where=f"{url}:{key[:80]}", detail=skip.detail)
-            invalid.add(key)
             continue
-        pending.append((str(url), key, sample))
-    if url is not None:
-        finish_shard(url)
-    for u, key in list(others):  # shards without any JSON member
-        counter.add("missing_member", where=f"{u}:{key}", detail="no .json member")
+        for name, value in (("by_dataset", sample.dataset), ("by_task", sample.task),
+                            ("by_meta_task", sample.meta_task), ("by_shard", url)):
+            by[name][value] += 1
     return {
         "shards": len(urls),
         "samples": sum(by["by_dataset"].values()),

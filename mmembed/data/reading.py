@@ -16,8 +16,11 @@ Each :class:`~mmembed.data.decode.DecodedSample` carries the skips its worker co
 from __future__ import annotations
 
 import glob
+import gzip
 import os
 import re
+import tarfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -98,18 +101,69 @@ def tar_is_complete(path: str | os.PathLike) -> bool:
         return f.read(1024) == bytes(1024)
 
 
+def tar_damage(path: str | os.PathLike) -> tuple[int, str] | None:
+    """Where and why a local shard is damaged, from its tar headers: ``(offset, detail)``, or ``None``.
+
+    Tells damaged shards from truncated ones: random bytes (no tar header where the first one belongs), a gzip stream
+    that does not inflate, or a tar header whose checksum fails (a flipped byte). An uncompressed tar's headers are
+    all walked (one 512-byte read per member; the data is skipped), because ``tarfile`` in stream mode takes a bad
+    header after the first for the end of the archive and drops the rest of the shard without a word. A gzipped
+    shard is checked at its first header (damage further in raises while it is read). An early end is not damage
+    here (see :func:`tar_is_complete`).
+    """
+    with open(path, "rb") as f:
+        if f.read(2) == b"\x1f\x8b":
+            f.seek(0)
+            try:
+                with gzip.GzipFile(fileobj=f) as g:
+                    return _header_damage(g.read(tarfile.BLOCKSIZE), 0)
+            except EOFError:
+                return None  # a gzip stream cut short: truncated
+            except (OSError, zlib.error) as exn:
+                return 0, f"bad gzip stream ({exn})"
+        offset = 0
+        while True:
+            f.seek(offset)
+            block = f.read(tarfile.BLOCKSIZE)
+            damage = _header_damage(block, offset)
+            if damage is not None or len(block) < tarfile.BLOCKSIZE or not any(block):
+                return damage  # damaged, cut inside a header (truncated), or the end-of-archive blocks
+            size = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape").size
+            offset += tarfile.BLOCKSIZE * (1 + (size + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE)
+
+
+def _header_damage(block: bytes, offset: int) -> tuple[int, str] | None:
+    if len(block) < tarfile.BLOCKSIZE or not any(block):
+        return None
+    try:
+        tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.HeaderError as exn:
+        if block[257:262] == b"ustar":
+            return offset, f"bad tar header checksum at offset {offset} ({exn})"
+        if offset == 0:
+            return offset, f"not a tar archive: the first 512 bytes are no tar header ({exn})"
+        return offset, f"no valid tar header at offset {offset} ({exn})"
+    return None
+
+
 def open_shards(src: Iterable[dict[str, Any]], counter: SkipCounter) -> Iterator[dict[str, Any]]:
     """Open shard URLs (``{"url": ...}`` dicts), counting missing and truncated shards; yields ``url`` + ``stream``.
 
     A truncated local shard is counted and still read: its complete samples are good, and its last, partial
-    sample is then counted as ``missing_member`` by :func:`decode_sample`.
+    sample is then counted as ``missing_member`` by :func:`decode_sample`. A damaged local file (:func:`tar_damage`)
+    is counted as ``corrupt_shard``; its members before the damage are read, as a truncated shard's are.
     """
     for source in src:
         url = source["url"]
         counter.reopened(url)
         try:
             path = _local_path(url)
-            if path is not None and not tar_is_complete(path):
+            damage = tar_damage(path) if path is not None else None
+            if damage is not None:
+                counter.flag_truncated(url, damage[1], reason="corrupt_shard")
+                if damage[0] == 0:
+                    continue  # nothing readable; further in, the members before the damage are still good
+            elif path is not None and not tar_is_complete(path):
                 counter.flag_truncated(url, "file does not end with tar end-of-archive blocks")
             stream = wds.gopen(url)
         except Exception as exn:  # noqa: BLE001 -- routed to the counter like webdataset's own handlers

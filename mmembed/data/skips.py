@@ -29,6 +29,7 @@ SKIP_REASONS = (
     "duplicate_id",  # a sample id already seen in this pass (the first one is kept)
     "empty_side",  # query, positive or a negative has neither text nor image
     "truncated_shard",  # the tar ends early (interrupted copy/write); its complete samples are still read
+    "corrupt_shard",  # not a tar at all (random bytes), a bad gzip stream, or a tar header with a bad checksum
     "missing_shard",  # the shard URL cannot be opened
     "duplicate_member",  # two tar members with the same key and extension, or a key that comes back later in a shard
     "shard_error",  # any other tar-level error
@@ -92,7 +93,12 @@ class SkipCounter:
         if isinstance(exn, FileNotFoundError | PermissionError | IsADirectoryError):
             reason = "missing_shard"
         elif isinstance(exn, tarfile.ReadError | tarfile.StreamError | EOFError | zlib.error | gzip.BadGzipFile):
-            reason = "truncated_shard"
+            # Damaged bytes (a header whose checksum fails, garbage where a header belongs, a gzip stream that does
+            # not inflate) are told apart from an early end: both stop the shard, but the fixes differ.
+            text = str(exn.args[0] if exn.args else exn)
+            damaged = isinstance(exn, zlib.error | gzip.BadGzipFile) or any(
+                m in text for m in ("bad checksum", "invalid header", "Error -3"))
+            reason = "corrupt_shard" if damaged else "truncated_shard"
             if url in self._flagged_shards:
                 return True
             self._flagged_shards.add(url)
@@ -103,11 +109,11 @@ class SkipCounter:
         self.add(reason, where=url, detail=repr(exn))
         return True
 
-    def flag_truncated(self, url: str, detail: str) -> None:
-        """Count ``url`` as a truncated shard (once per pass; see :meth:`handler`)."""
+    def flag_truncated(self, url: str, detail: str, reason: str = "truncated_shard") -> None:
+        """Count ``url`` as a truncated (or, with ``reason="corrupt_shard"``, damaged) shard, once per pass."""
         if url not in self._flagged_shards:
             self._flagged_shards.add(url)
-            self.add("truncated_shard", where=url, detail=detail)
+            self.add(reason, where=url, detail=detail)
 
     def reopened(self, url: str) -> None:
         """Note that ``url`` is being read now, and forget that it was flagged, so a new pass counts again."""

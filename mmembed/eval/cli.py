@@ -14,6 +14,10 @@ Examples::
 With ``--reranker`` (a folder written by ``Reranker.save_pretrained``) the benchmark runs twice, embedder alone (E,
 files in ``<out>/E``) and with each query's top ``--rerank-top`` candidates re-ordered by the reranker (E+R, files in
 ``<out>/E+R``), embedding every item once, and a side-by-side table is printed.
+
+``--devices N`` runs the evaluation in N processes (``torch.multiprocessing`` spawn; gloo on CPU, NCCL with one GPU
+per process on CUDA): every ``encode`` call is shared out batch by batch (``mmembed.eval.distributed``), every rank
+scores the gathered embeddings, rank 0 prints and writes the files -- the same run files and scores as one process.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from mmembed.cli_args import add_model_arguments, embedder_from_args
+from mmembed.cli_args import add_model_arguments, check_device, embedder_from_args
 from mmembed.errors import run_cli
 from mmembed.eval.results import BenchmarkResult
 from mmembed.eval.suites import VISDOC_GROUP_TITLES
@@ -44,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--data", required=True, type=Path, help="data folder (or a synthetic-world root)")
     common.add_argument("--out", required=True, type=Path, help="output folder for run files, metrics.json, plot")
     common.add_argument("--batch-size", type=int, default=16)
+    common.add_argument("--devices", type=int, default=1,
+                        help="processes to share the embedding over (gloo on CPU, one GPU each on CUDA)")
     common.add_argument("--max-queries", type=int, default=None, help="only the first N queries of every set")
     common.add_argument("--run-depth", type=int, default=100, help="candidates per query in the run files")
     common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -94,7 +100,8 @@ def result_table(result: BenchmarkResult) -> Table:
     splits = result.splits if set(result.splits) != set(result.groups) else {}
     for split, value in splits.items():
         table.add_row(f"[b]{split.upper()}[/b]", "", "", "", "", f"{value:.1f}")
-    table.add_row("[b]overall[/b]", "", "", "", "", f"[b]{result.overall:.1f}[/b]")
+    table.add_row("[b]overall[/b]", "", "", "", "", f"[b]{result.overall:.1f} ± {result.overall_stderr:.1f}[/b]")
+    table.caption = f"{result.overall_line()}; ± is the standard error over queries (binomial for P@1)"
     return table
 
 
@@ -124,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_cli(lambda: _evaluate_judge(args), prog="mmembed-eval", debug=args.debug)
     if args.rerank_top < 1:
         build_parser().error(f"--rerank-top must be >= 1, got {args.rerank_top}")
+    if args.devices < 1:
+        build_parser().error(f"--devices must be >= 1, got {args.devices}")
+    if args.devices > 1 and args.reranker is not None:
+        build_parser().error("--devices > 1 shares out the embedder only; run E+R (--reranker) with --devices 1")
     return run_cli(lambda: _evaluate(args), prog="mmembed-eval", debug=args.debug)
 
 
@@ -135,6 +146,8 @@ def _evaluate_judge(args: argparse.Namespace) -> int:
                                 "<world>/instruct/judge_heldout.json (mmembed-data synth --out <world>)")
     from mmembed.judge import Judge
     from mmembed.judge.evaluate import evaluate_judge
+
+    check_device(args.device)
 
     metrics = evaluate_judge(Judge.from_pretrained(args.judge, device=args.device), args.data, args.image_root,
                              batch_size=args.batch_size)
@@ -156,13 +169,74 @@ def _evaluate_judge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_names(args: argparse.Namespace) -> None:
+    """Unknown ``--subsets`` / ``--sets`` fail here, before the model is loaded (the runners check again)."""
+    if args.benchmark == "mmeb" and args.subsets:
+        from mmembed.eval.mmeb import resolve_mmeb_subsets
+
+        have, option, names = resolve_mmeb_subsets(args.data)[0], "--subsets", _names(args.subsets)
+    elif args.benchmark == "visdoc" and args.sets:
+        from mmembed.eval.visdoc import resolve_visdoc_sets
+
+        have, option, names = resolve_visdoc_sets(args.data)[0], "--sets", _names(args.sets)
+    else:
+        return
+    unknown = [n for n in names or [] if n not in have]
+    if unknown:
+        raise ValueError(f"{option}: {unknown} not in {args.data} (have {sorted(have)})")
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     if not args.data.exists():  # before the model loads: a wrong path should not cost the load
         raise FileNotFoundError(f"--data {args.data} does not exist; point at a benchmark folder "
                                 "(e.g. the synthetic world from `mmembed-data synth --out data/synth`)")
-    console = Console()
-    embedder = embedder_from_args(args)  # heavy imports (torch, transformers) only now the arguments are valid
+    _check_names(args)
+    if args.devices > 1:
+        return _spawn(args)
+    return _evaluate_on(args, embedder_from_args(args), args.out)  # heavy imports only now the arguments are valid
+
+
+def _spawn(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            mp.spawn(_rank_main, args=(args, f"{tmp}/rendezvous"), nprocs=args.devices, join=True)
+        except mp.ProcessExitedException as exn:  # a rank already printed its one-line error
+            raise RuntimeError(f"--devices {args.devices}: rank {exn.error_index} failed (exit code "
+                               f"{exn.exit_code}); see its message above") from None
+    return 0
+
+
+def _rank_main(rank: int, args: argparse.Namespace, init_file: str) -> None:
+    """One process of ``--devices N``: join the group, shard every encode, score; rank 0 prints and writes."""
+    import torch.distributed as dist
+
+    from mmembed.errors import USER_ERRORS, one_line
+    from mmembed.eval.distributed import ShardedEncoder, init_rank
+
+    try:
+        device = init_rank(rank, args.devices, init_file, args.device)
+        try:
+            encoder = ShardedEncoder(embedder_from_args(args, device=device))
+            _evaluate_on(args, encoder, args.out if rank == 0 else None, quiet=rank != 0)
+        finally:
+            dist.destroy_process_group()
+    except USER_ERRORS as exn:
+        if args.debug:
+            raise
+        print(f"mmembed-eval: error (rank {rank}): {one_line(exn)} (--debug shows the traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _evaluate_on(args: argparse.Namespace, embedder, out: Path | None, quiet: bool = False) -> int:
+    """Run the benchmark with ``embedder``; files under ``out`` (``None``: write nothing), tables unless quiet."""
+    console = Console(quiet=quiet)
     extra = {"model": str(args.model), "data": str(args.data)}
+    if args.devices > 1:
+        extra["devices"] = args.devices
     if args.benchmark == "mmeb":
         from mmembed.eval.mmeb import evaluate_mmeb
 
@@ -174,7 +248,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         if args.reranker is not None:
             raise ValueError("--reranker: Table 5 (xmodal) reports the embedder alone; drop --reranker")
-        result = evaluate_xmodal(embedder, args.data, args.out, batch_size=args.batch_size, names=_names(args.sets),
+        result = evaluate_xmodal(embedder, args.data, out, batch_size=args.batch_size, names=_names(args.sets),
                                  max_queries=args.max_queries, extra=extra)
         console.print(result_table(result))
         console.print(f"metrics: {result.metrics_file}   plot: {result.plot_file}")
@@ -186,7 +260,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         kwargs = dict(sets=args.data, k=args.k, names=_names(args.sets))
     kwargs.update(batch_size=args.batch_size, run_depth=args.run_depth, max_queries=args.max_queries, extra=extra)
     if args.reranker is None:
-        result = run(embedder, out_dir=args.out, **kwargs)
+        result = run(embedder, out_dir=out, **kwargs)
     else:
         from mmembed.eval.results import evaluate_two_stage
         from mmembed.reranker import Reranker

@@ -30,6 +30,7 @@ from mmembed.eval.results import (
     SetScore,
     SupportsRerank,
     Timer,
+    binomial_stderr,
     rerank_topk,
     scaled,
     write_trec_files,
@@ -242,7 +243,8 @@ def evaluate_mmeb(
     if names is not None:
         unknown = [n for n in names if n not in paths]
         if unknown:
-            raise KeyError(f"subsets {unknown} are not in the data (have {sorted(paths)})")
+            raise ValueError(f"subsets {unknown} are not in the data (have {sorted(paths)}); "
+                             "fix --subsets / names")
         paths = {n: paths[n] for n in names}
     info_table = {**shipped, **(groups or {})}
     out = Path(out_dir) if out_dir is not None else None
@@ -264,7 +266,8 @@ def evaluate_mmeb(
                 run_file, qrels_file = write_trec_files(out, name, run, qrels, tag=f"mmeb-{result.mode}")
         info = resolve_info(name, "mmeb", info_table, ind_ood)
         result.sets[name] = SetScore(name, info.group, info.split, values["precision@1"], values, len(subset.rows),
-                                     len(subset.candidates), run_file, qrels_file, round(t.seconds, 3))
+                                     len(subset.candidates), run_file, qrels_file, round(t.seconds, 3),
+                                     stderr=binomial_stderr(values["precision@1"], len(subset.rows)))
     if out is not None:
         result.write()
     return result

@@ -69,6 +69,8 @@ class SetScore:
         run_file: Path of the TREC run file, relative to the result's ``out_dir``.
         qrels_file: Path of the TREC qrels file, relative to the result's ``out_dir``.
         seconds: Wall time spent on the set (embedding included).
+        stderr: Standard error of ``score`` over the set's queries (x100): binomial ``sqrt(p(1-p)/n)`` for
+            Precision@1, the sample standard deviation over ``sqrt(n)`` for NDCG; None when unknown.
     """
 
     name: str
@@ -81,6 +83,13 @@ class SetScore:
     run_file: str | None = None
     qrels_file: str | None = None
     seconds: float = 0.0
+    stderr: float | None = None
+
+
+def binomial_stderr(score: float, n: int) -> float:
+    """Standard error (x100) of a proportion given x100, over ``n`` independent queries."""
+    p = score / SCALE
+    return SCALE * math.sqrt(max(p * (1 - p), 0.0) / n) if n > 0 and math.isfinite(p) else float("nan")
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -132,6 +141,20 @@ class BenchmarkResult:
         return _mean([s.score for s in self.sets.values()])
 
     @property
+    def overall_stderr(self) -> float:
+        """Standard error of ``overall`` (x100): the sets' errors combined as independent, over the set count."""
+        errs = [s.stderr for s in self.sets.values() if s.stderr is not None and math.isfinite(s.stderr)
+                and math.isfinite(s.score)]
+        if not errs:
+            return float("nan")
+        return math.sqrt(math.fsum(e * e for e in errs)) / len(errs)
+
+    def overall_line(self) -> str:
+        """``overall 19.82 ± 0.52 (SE, 1024 queries)``: the headline number with its standard error."""
+        n = sum(s.num_queries for s in self.sets.values())
+        return f"overall {self.overall:.2f} ± {self.overall_stderr:.2f} (SE over {n} queries)"
+
+    @property
     def metrics_file(self) -> Path | None:
         return self.out_dir / "metrics.json" if self.out_dir else None
 
@@ -162,6 +185,7 @@ class BenchmarkResult:
             "mode": self.mode,
             "scale": SCALE,
             "overall": self.overall,
+            "overall_stderr": self.overall_stderr,
             "splits": self.splits,
             "groups": self.groups,
             "sets": {name: asdict(s) for name, s in self.sets.items()},

@@ -107,6 +107,10 @@ def score_visdoc_set(
     # Queries without a relevant page are NaN (not counted), as pytrec_eval leaves them out of the mean.
     values = {name: v[~v.isnan()].mean() if (~v.isnan()).any() else torch.tensor(float("nan"))
               for name, v in per_query.items()}
+    main = per_query[f"ndcg@{k}"]
+    main = main[~main.isnan()]
+    # standard error of the mean NDCG over the judged queries (reported beside the score, not a metric of its own)
+    values["stderr"] = main.std() / len(main) ** 0.5 if len(main) > 1 else torch.tensor(float("nan"))
     return scaled(values), run
 
 
@@ -159,7 +163,8 @@ def evaluate_visdoc(
     if names is not None:
         unknown = [n for n in names if n not in paths]
         if unknown:
-            raise KeyError(f"sets {unknown} are not in the data (have {sorted(paths)})")
+            raise ValueError(f"sets {unknown} are not in the data (have {sorted(paths)}); "
+                             "fix --sets / names")
         paths = {n: paths[n] for n in names}
     info_table = {**shipped, **(groups or {})}
     out = Path(out_dir) if out_dir is not None else None
@@ -179,8 +184,9 @@ def evaluate_visdoc(
             if out is not None:
                 run_file, qrels_file = write_trec_files(out, name, run, data.qrels, tag=f"visdoc-{mode}")
         info = resolve_info(name, "visdoc", info_table, ind_ood)
+        stderr = values.pop("stderr")
         result.sets[name] = SetScore(name, info.group, info.split, values[f"ndcg@{k}"], values, len(data.queries),
-                                     len(data.corpus), run_file, qrels_file, round(t.seconds, 3))
+                                     len(data.corpus), run_file, qrels_file, round(t.seconds, 3), stderr=stderr)
     if out is not None:
         result.write()
     return result

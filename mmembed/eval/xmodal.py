@@ -120,7 +120,8 @@ def evaluate_xmodal(
     if names is not None:
         unknown = [n for n in names if n not in sets]
         if unknown:
-            raise KeyError(f"sets {unknown} are not in the data (have {sorted(sets)})")
+            raise ValueError(f"sets {unknown} are not in the data (have {sorted(sets)}); "
+                             "fix --sets / names")
         sets = {n: sets[n] for n in names}
     out = Path(out_dir) if out_dir is not None else None
     result = BenchmarkResult("xmodal", "hit@1 | accuracy", "E", out_dir=out, extra=dict(extra or {}))

@@ -260,6 +260,21 @@ class Judge:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def label(self) -> str:
+        """What curation outputs call this judge (summary, manifest, MLflow tags): ``"MLLM judge"``."""
+        return "MLLM judge"
+
+    @property
+    def display_name(self) -> str:
+        """The label with the model type, for log lines and run names."""
+        return f"MLLM judge ({self.model_type or 'unknown'})"
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What the summary records about this judge."""
+        return {"model_type": self.model_type}
+
     # ---------------------------------------------------------------------------------------------- prompts
     def _parts(self, pair: JudgePair) -> list[tuple[str, object]]:
         parts: list[tuple[str, object]] = [("text", JUDGE_HEAD.format(instruction=pair.instruction))]

@@ -153,10 +153,19 @@ def validate(cfg: DictConfig) -> None:
         strategies = _judge_strategies()
         if j.strategy not in strategies:
             raise ConfigError(f"judge.strategy={j.strategy!r} must be one of {strategies}")
+        if j.margin < 0:
+            raise ConfigError(f"judge.margin={j.margin} must be >= 0 (a retrieval-score difference)")
+        if j.model == "simulated":  # the simulated expert judge (synthetic world only): its settings checked here
+            from mmembed.judge.simulated import SimulatedJudge
+
+            try:
+                SimulatedJudge(recall=j.recall, false_yes_rate=j.false_yes_rate)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         # judge.model / judge.checkpoint left null are built on demand (mmembed.launch.runner.resolve_inputs): the
         # kit's stage-1 model and the stage-2 model, from the stage store
         for key in ("model", "checkpoint"):
-            if j[key] and not Path(j[key]).is_dir():
+            if j[key] and not (key == "model" and j[key] == "simulated") and not Path(j[key]).is_dir():
                 raise ConfigError(f"judge.{key}={j[key]} is not a folder")
     if cfg.mining.checkpoint and not Path(cfg.mining.checkpoint).is_dir():
         raise ConfigError(f"mining.checkpoint={cfg.mining.checkpoint} is not a folder; train stage2_warmup first "

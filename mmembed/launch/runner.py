@@ -74,7 +74,9 @@ def main(cfg: DictConfig) -> Any:
     """Validate, then run the task; configuration and user errors end with one line (``HYDRA_FULL_ERROR=1`` shows
     the traceback of the latter)."""
     from mmembed.errors import USER_ERRORS, one_line
+    from mmembed.logs import quiet_logs
 
+    quiet_logs()  # each log line once (Hydra's format), third-party noise dropped at its source
     try:
         validate(cfg)
         return run_task(cfg)

@@ -63,13 +63,18 @@ class JudgeSettings:
 
     Attributes:
         checkpoint: Stage-2 embedder folder that retrieves (None: built or reused in the stage store).
-        model: Judge model: a local image-text-to-text folder or a kit stage-1 folder (None: the kit's stage 1).
+        model: Judge model: a local image-text-to-text folder or a kit stage-1 folder (None: the kit's stage 1);
+            ``"simulated"``: the simulated expert judge (synthetic world only; ``mmembed.judge.simulated``).
+        recall: Simulated expert judge: P(yes) for a planted false negative.
+        false_yes_rate: Simulated expert judge: mean P(yes) for a true negative.
         shards: Training shards to curate (default: the training shards).
         out_dir: Output folder.
         cache_dir: Retrieval + judgments cache; share it across sweep points to judge once.
         k: Candidates retrieved per query (ground truth included), each judged.
         max_negatives: Hard negatives kept per query (interpolates ``hard_negatives``).
-        strategy: ``judge`` (MLLM-curated) or ``rule`` (top-n retrieved, Table 8's baseline).
+        strategy: ``judge`` (judge-curated), ``rule`` (top-n retrieved, Table 8's baseline) or ``margin`` (the
+            judge-free control: candidates scoring within ``margin`` of the ground truth dropped).
+        margin: The margin control's delta, in retrieval-score units.
         skip_datasets: Binary-label datasets not judged.
         batch_size: Judge pairs per forward pass.
         embed_batch_size: Embedder batch size for retrieval.
@@ -78,12 +83,15 @@ class JudgeSettings:
 
     checkpoint: str | None = None
     model: str | None = None
+    recall: float = 0.9
+    false_yes_rate: float = 0.05
     shards: Any = None
     out_dir: str = "curated"
     cache_dir: str | None = None
     k: int = 20
     max_negatives: int = 12
     strategy: str = "judge"
+    margin: float = 0.01
     skip_datasets: list[str] = field(default_factory=lambda: ["HatefulMemes"])
     batch_size: int = 8
     embed_batch_size: int = 32

@@ -25,6 +25,9 @@ from mmembed.pipeline import Pipeline, StageDef, StageResult, StageStore, finger
 
 MASK = "<stage folder>"  # stands for the stage's own folder in the hashed config
 NOT_HASHED = ("paths", "logger", "exp_name", "sweep", "pipeline", "save_embedder", "ckpt_path")
+# Options added after stages were first built: hashed only when set, so stage folders built before they existed
+# keep their keys (and stay reusable) while the option is off.
+HASHED_WHEN_SET = (("backbone", "in_tower_layer"),)
 
 
 @dataclass
@@ -95,6 +98,9 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
     out = OmegaConf.to_container(view, resolve=True)
     for key in NOT_HASHED:
         out.pop(key, None)
+    for group, key in HASHED_WHEN_SET:
+        if isinstance(out.get(group), dict) and out[group].get(key) is None:
+            out[group].pop(key, None)
     return out
 
 
@@ -210,7 +216,6 @@ def judge(pipe: Pipeline, deps: Mapping[str, StageResult]) -> StageResult | None
     export.
     """
     from mmembed import Embedder
-    from mmembed.judge import Judge
 
     s: Settings = pipe.settings
     j = tasks.judge_settings(compose_stage(s, "judge", s.cfg.pipeline.exp.stage3))
@@ -223,13 +228,13 @@ def judge(pipe: Pipeline, deps: Mapping[str, StageResult]) -> StageResult | None
     ident = {"judge": j.identity(), "shards": str(shards), "seed": s.cfg.seed}
 
     def build(ctx):
-        judge_obj = Judge.from_pretrained(str(judge_model)) if j.strategy == "judge" else None
+        judge_obj = tasks.make_judge(j, s.cfg.seed, judge_model) if j.strategy == "judge" else None
         summary = tasks.curate_with(j, Embedder.from_pretrained(retriever), judge_obj, shards, ctx.folder, s.cfg.seed)
         return {"outputs": {"shards": "shards", "summary": "summary.json"}, "metrics": {"summary": summary.to_json()}}
 
     inputs = {"retriever": fingerprint(retriever)}
-    if judge_model is not None:
-        inputs["judge_model"] = fingerprint(judge_model)
+    if judge_model is not None:  # the simulated judge's settings are in ident (the judge: block)
+        inputs["judge_model"] = "simulated" if str(judge_model) == "simulated" else fingerprint(judge_model)
     return pipe.store.run("judge", ident, build, inputs=inputs)
 
 

@@ -35,8 +35,10 @@ def ensure_synthetic_world(cfg: DictConfig) -> None:
     with FileLock(str(root) + ".lock"):  # concurrent runs (parallel sweeps) generate it once
         if (root / "manifest.json").is_file():
             return
-        print(f"generating the synthetic world ({cfg.synth.size}, seed {cfg.synth.seed}) into {root} ...")
-        generate(root, seed=cfg.synth.seed, size=cfg.synth.size, overwrite=True)
+        rate = float(cfg.synth.get("false_negative_rate", 0.0))
+        print(f"generating the synthetic world ({cfg.synth.size}, seed {cfg.synth.seed}, false-negative rate {rate}) "
+              f"into {root} ...")
+        generate(root, seed=cfg.synth.seed, size=cfg.synth.size, overwrite=True, false_negative_rate=rate)
 
 
 def in_sweep() -> bool:
@@ -75,6 +77,12 @@ def make_logger(cfg: DictConfig, parent_run_id: str | None = None, standalone: b
             param = tracking.resolve_swept_param(cfg.sweep.param, tracking.swept_keys(parent, settings.uri))
             point = tracking.sweep_point_name(param, OmegaConf.select(cfg, param), cfg.seed)
             kw.update(parent_run_id=parent, run_name=point, tags={tracking.SWEEP_POINT_TAG: point})
+    if settings is not None and cfg.task == "judge_ft":  # which judge curated this run's negatives, by name
+        from mmembed.judge.simulated import judge_label
+
+        label = judge_label(cfg.judge.model) if cfg.judge.strategy == "judge" else None
+        kw["tags"] = {**kw.get("tags", {}), "mmembed.judge": label or "none",
+                      "mmembed.judge.strategy": cfg.judge.strategy}
     return instantiate(cfg.logger, **kw)
 
 
@@ -126,7 +134,9 @@ def fit(cfg: DictConfig, train_shards: str | None = None, parent_run_id: str | N
         callbacks = make_callbacks(cfg, has_logger=logger is not None)
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger or False, **trainer_kw)
         t0 = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        # weights_only=True said explicitly: torch then ignores TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, so a resumed
+        # checkpoint can never run pickled code (the kit's checkpoints hold only tensors and plain values).
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         metrics["time/fit_s"] = time.perf_counter() - t0
         rows = before_after(callbacks)
@@ -206,7 +216,7 @@ def mine(cfg: DictConfig) -> Path:
     embedder = frozen_embedder(cfg, m.checkpoint)
     summary = mine_hard_negatives(embedder, m.shards, m.out_dir, seed=cfg.seed, **m.arguments())
     print(f"mined shards in {m.out_dir}/shards: {summary.queries} queries, {summary.queries_per_s} queries/s "
-          f"(details: {m.out_dir}/summary.json)")
+          f"(details: {m.out_dir}/summary.json); {summary.false_negative_line()}")
     return Path(m.out_dir) / "shards"
 
 
@@ -222,27 +232,41 @@ def curate_with(j: JudgeSettings, embedder: Any, judge: Any, shards: Any, out_di
         return curate(embedder, judge, shards, out_dir, seed=seed, **j.arguments())
 
 
+def make_judge(j: JudgeSettings, seed: int, model: str | Path | None = None) -> Any:
+    """The judge a ``judge:`` group names (``model`` overrides ``judge.model``): ``simulated`` -> the simulated
+    expert judge (``judge.recall`` / ``judge.false_yes_rate``, seeded by the run's seed), a folder -> the MLLM judge,
+    none -> None."""
+    from mmembed.judge.simulated import load_judge
+
+    model = model if model is not None else j.model
+    return load_judge(str(model), recall=j.recall, false_yes_rate=j.false_yes_rate, seed=seed) if model else None
+
+
 def judge(cfg: DictConfig) -> Path:
     """Stage-3 curation of ``judge.shards`` (retrieve top-K, judge, write shards); returns the curated shard folder.
 
     The summary is also logged to MLflow as its own run when an MLflow logger is configured.
     """
-    from mmembed.judge import Judge
-
     j = judge_settings(cfg)
     embedder = frozen_embedder(cfg, j.checkpoint)
-    judge_model = Judge.from_pretrained(j.model) if j.model else None
+    judge_model = make_judge(j, cfg.seed)
     summary = curate_with(j, embedder, judge_model, j.shards, j.out_dir, cfg.seed)
     t = summary.totals
-    print(f"curated shards in {j.out_dir}/shards: {summary.queries} queries, {t['negatives']} negatives, "
-          f"{t['extra_positives']} extra positives; planted false negatives caught {t['fn_caught']}, left as "
-          f"negatives: judge {t['fn_negative_judge']} vs rule {t['fn_negative_rule']} (n={summary.n})")
+    judge_name = getattr(judge_model, "display_name", "no judge")
+    print(f"curated shards in {j.out_dir}/shards ({j.strategy}, judge: {judge_name}): {summary.queries} queries, "
+          f"{t['negatives']} negatives, {t['extra_positives']} extra positives; planted false negatives caught "
+          f"{t['fn_caught']}, left as negatives: judge {t['fn_negative_judge']} vs rule {t['fn_negative_rule']} vs "
+          f"margin {t['fn_negative_margin']} (n={summary.n}, margin {summary.margin})")
     settings = mlflow_settings(cfg)
     if settings is not None:
         from mmembed.tracking import log_summary
 
+        label = getattr(judge_model, "label", None)
+        simulated = getattr(judge_model, "uses_ground_truth", False)
         params = {"judge": OmegaConf.to_container(cfg.judge, resolve=True), "hard_negatives": cfg.hard_negatives}
-        log_summary(summary.to_json(), run_name=f"{cfg.exp_name}/curation", params=params,
+        # the simulated judge is named in the run name too (the MLLM judge's run name is unchanged)
+        log_summary(summary.to_json(), run_name=f"{cfg.exp_name}/curation" + (f" ({label})" if simulated else ""),
+                    tags={"mmembed.judge": label or "none", "mmembed.judge.strategy": j.strategy}, params=params,
                     artifacts=[Path(j.out_dir) / "summary.json", Path(j.out_dir) / "manifest.jsonl"],
                     **settings.kwargs())
     return Path(j.out_dir) / "shards"

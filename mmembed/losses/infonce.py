@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from mmembed.matryoshka import truncate_embeddings
 
 IdsLike = Tensor | Sequence[int | str] | Sequence[Sequence[int | str]]
 
@@ -52,6 +54,8 @@ class InfoNCEOutput:
         targets: (B_local,) global index of each query's positive in the candidate axis of ``logits``.
         accuracy: Fraction of local queries whose top-scoring candidate is their positive (detached).
         num_negatives: Candidates per query minus one (before duplicate masking).
+        matryoshka_losses: With Matryoshka training, the (undetached, unweighted) loss at each truncated
+            dimension, keyed by dimension; ``loss`` then includes their weighted sum. Empty otherwise.
     """
 
     loss: Tensor
@@ -59,6 +63,7 @@ class InfoNCEOutput:
     targets: Tensor
     accuracy: Tensor
     num_negatives: int
+    matryoshka_losses: dict[int, Tensor] = field(default_factory=dict)
 
 
 def stable_hash(value: int | str) -> int:
@@ -296,19 +301,41 @@ def _duplicate_mask(
 class InfoNCELoss(nn.Module):
     """Module wrapper of :func:`info_nce` holding the settings (what a Hydra config points ``_target_`` at).
 
+    Matryoshka training (off by default): with ``matryoshka_dims=[16, 32]`` the loss is the full-dimension InfoNCE
+    plus, for each listed ``d``, ``weight_d *`` the same InfoNCE on the first ``d`` coordinates of every embedding,
+    re-normalised (:func:`mmembed.matryoshka.truncate_embeddings`) -- Kusupati et al. 2022, "Matryoshka
+    Representation Learning". The full dimension always keeps weight 1, so with no dims the loss is exactly the
+    plain one. Logits and accuracy are the full dimension's.
+
     Args:
         temperature: tau (paper Table 14: 0.03).
         gather: Gather candidates across ranks.
         mask_duplicates: Mask candidates whose id equals the query's positive id (needs ``pos_ids`` in forward).
+        matryoshka_dims: Truncated dimensions trained besides the full one (each smaller than the embedding).
+        matryoshka_weights: One weight per entry of ``matryoshka_dims`` (default 1.0 each).
     """
 
-    def __init__(self, temperature: float = 0.03, gather: bool = True, mask_duplicates: bool = False) -> None:
+    def __init__(self, temperature: float = 0.03, gather: bool = True, mask_duplicates: bool = False,
+                 matryoshka_dims: Sequence[int] | None = None,
+                 matryoshka_weights: Sequence[float] | None = None) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
         self.gather = gather
         self.mask_duplicates = mask_duplicates
+        dims = [int(d) for d in (matryoshka_dims or [])]
+        if any(d < 1 for d in dims) or len(set(dims)) != len(dims):
+            raise ValueError(f"matryoshka_dims must be distinct positive integers, got {list(matryoshka_dims or [])}")
+        weights = [1.0] * len(dims) if matryoshka_weights is None else [float(w) for w in matryoshka_weights]
+        if len(weights) != len(dims) or any(w < 0 for w in weights):
+            raise ValueError(f"matryoshka_weights needs one non-negative weight per dim ({len(dims)}: {dims}), got "
+                             f"{list(matryoshka_weights or [])}")
+        self.matryoshka_dims, self.matryoshka_weights = dims, weights
+
+    def _one(self, q, pos, hard_negs, pos_ids, neg_ids) -> InfoNCEOutput:
+        return info_nce(q, pos, hard_negs, temperature=self.temperature, gather=self.gather,
+                        mask_duplicates=self.mask_duplicates, pos_ids=pos_ids, neg_ids=neg_ids)
 
     def forward(
         self,
@@ -318,16 +345,20 @@ class InfoNCELoss(nn.Module):
         pos_ids: IdsLike | None = None,
         neg_ids: IdsLike | None = None,
     ) -> InfoNCEOutput:
-        return info_nce(
-            q,
-            pos,
-            hard_negs,
-            temperature=self.temperature,
-            gather=self.gather,
-            mask_duplicates=self.mask_duplicates,
-            pos_ids=pos_ids,
-            neg_ids=neg_ids,
-        )
+        out = self._one(q, pos, hard_negs, pos_ids, neg_ids)
+        full = q.shape[-1]
+        for dim, weight in zip(self.matryoshka_dims, self.matryoshka_weights):
+            if dim >= full:
+                raise ValueError(f"matryoshka dim {dim} >= the embedding dimension {full}: list only smaller "
+                                 "dimensions (the full one is always trained)")
+            negs = None if hard_negs is None else truncate_embeddings(hard_negs, dim)
+            part = self._one(truncate_embeddings(q, dim), truncate_embeddings(pos, dim), negs, pos_ids, neg_ids)
+            out.matryoshka_losses[dim] = part.loss
+            out.loss = out.loss + weight * part.loss
+        return out
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, gather={self.gather}, mask_duplicates={self.mask_duplicates}"
+        rep = f"temperature={self.temperature}, gather={self.gather}, mask_duplicates={self.mask_duplicates}"
+        if self.matryoshka_dims:
+            rep += f", matryoshka_dims={self.matryoshka_dims}, matryoshka_weights={self.matryoshka_weights}"
+        return rep

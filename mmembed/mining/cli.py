@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from mmembed.logs import quiet_logs
+
+    quiet_logs(lightning=False)  # faiss' loader lines and bitsandbytes' kernel warning dropped
     from mmembed.errors import run_cli
 
     return run_cli(lambda: _mine(args), prog="python -m mmembed.mining.cli", debug=args.debug)
@@ -77,14 +80,16 @@ def _mine(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"hard-negative mining ({summary.strategy}) - {summary.queries_per_s:.1f} queries/s")
-    for col in ("dataset", "queries", "corpus", "ranks (mean)", "clamped", "false neg. picked"):
+    for col in ("dataset", "queries", "corpus", "ranks (mean)", "clamped", "false neg. picked", "share"):
         table.add_column(col, justify="left" if col == "dataset" else "right")
     for name, s in summary.datasets.items():
         fn = "-" if s.false_negatives_picked is None else f"{s.false_negatives_picked}/{s.false_negatives_planted}"
+        share = "-" if s.false_negative_share is None else f"{100 * s.false_negative_share:.1f}%"
         table.add_row(name, str(s.queries), str(s.corpus_size), f"{s.rank_min}-{s.rank_max} ({s.rank_mean:.1f})",
-                      str(s.clamped_queries), fn)
+                      str(s.clamped_queries), fn, share)
     console = Console()
     console.print(table)
+    console.print(summary.false_negative_line())
     console.print(f"shards: {summary.out_dir}/shards   manifest: {summary.manifest}")
     return 0
 

@@ -60,7 +60,7 @@ from mmembed.index.search import topk_search
 from mmembed.mining.corpus import DatasetCorpus, collect_datasets
 from mmembed.mining.embedding import ROLES, embed_datasets, model_fingerprint, part_path
 from mmembed.mining.sampling import filter_ranked, rule_based_negatives, sample_window_negatives
-from mmembed.mining.stats import DatasetMiningStats, MiningSummary
+from mmembed.mining.stats import DatasetMiningStats, MiningSummary, false_negative_totals
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,7 @@ def _mine_dataset(ds: DatasetCorpus, q: torch.Tensor, c: torch.Tensor, *, strate
         queries_with_false_negatives=queries_planted if has_fn_meta else None,
         false_negatives_picked=picked_fn if has_fn_meta else None,
         queries_with_false_negative_picked=queries_fn_picked if has_fn_meta else None,
+        false_negative_share=round(picked_fn / ranks.size, 6) if has_fn_meta and ranks.size else None,
     )
     return rows, stats
 
@@ -308,8 +309,8 @@ def mine_hard_negatives(
         what = "window" if strategy == "window" else f"top-{k}"
         clamp = (f"; {what} clamped for {s.clamped_queries} queries (shortest list {s.shortest_list})"
                  if s.clamped_queries else "")
-        fn = (f"; picked {s.false_negatives_picked} of {s.false_negatives_planted} planted false negatives"
-              if s.false_negatives_picked is not None else "")
+        fn = (f"; {s.false_negatives_picked} of {s.queries * s.negatives_per_query} chosen negatives are false "
+              f"negatives ({s.false_negatives_planted} in the corpus)" if s.false_negatives_picked is not None else "")
         log.info("mined %s: %d queries, corpus %d, ranks %d-%d (mean %.1f)%s%s", name, s.queries, s.corpus_size,
                  s.rank_min, s.rank_max, s.rank_mean, clamp, fn)
     t_search = time.perf_counter()
@@ -338,12 +339,15 @@ def mine_hard_negatives(
         world_size=world_size, queries=queries, datasets=stats, skipped=counter.as_dict(),
         timing={key: round(v, 3) for key, v in timing.items()},
         queries_per_s=round(queries / max(timing["total_s"], 1e-9), 2), manifest=str(manifest), shards=all_shards)
+    fn_totals = false_negative_totals(stats)
+    summary.false_negatives_picked, summary.negatives_picked, summary.false_negative_share = fn_totals
     write_atomic(out / "summary.json", json.dumps(summary.to_json(), indent=2, sort_keys=True) + "\n")
     if world_size > 1:
         for r in range(1, world_size):
             part_path(out, r, world_size).unlink(missing_ok=True)
         if not any((out / "tmp").iterdir()):
             (out / "tmp").rmdir()
+    log.info("mining: %s", summary.false_negative_line())
     log.info("mining: %d queries in %.1fs (%.1f queries/s; embedding %.1fs) -> %s", queries, timing["total_s"],
              summary.queries_per_s, timing["embed_s"], out)
     return summary

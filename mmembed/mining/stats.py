@@ -28,6 +28,8 @@ class DatasetMiningStats:
         queries_with_false_negatives: Queries with at least one known false negative in the corpus.
         false_negatives_picked: Chosen negatives that are a known false negative of their query.
         queries_with_false_negative_picked: Queries with at least one such pick.
+        false_negative_share: ``false_negatives_picked`` / all chosen negatives (None without ground truth) -- the
+            share of "hard negatives" that are in fact positives, which judge curation exists to remove.
         shards: Output shard paths.
     """
 
@@ -49,6 +51,7 @@ class DatasetMiningStats:
     queries_with_false_negatives: int | None = None
     false_negatives_picked: int | None = None
     queries_with_false_negative_picked: int | None = None
+    false_negative_share: float | None = None
     shards: list[str] = field(default_factory=list)
     distinct_queries: int | None = None
 
@@ -72,6 +75,10 @@ class MiningSummary:
         queries_per_s: ``queries / timing["total_s"]`` -- end to end in the process that merged.
         manifest: Path of ``manifest.jsonl``.
         shards: All output shard paths.
+        false_negatives_picked: Chosen negatives that are known false negatives, over the datasets that carry ground
+            truth (None when none does).
+        negatives_picked: Chosen negatives over those datasets.
+        false_negative_share: ``false_negatives_picked / negatives_picked`` (None without ground truth).
     """
 
     out_dir: str
@@ -88,6 +95,26 @@ class MiningSummary:
     queries_per_s: float
     manifest: str
     shards: list[str]
+    false_negatives_picked: int | None = None
+    negatives_picked: int | None = None
+    false_negative_share: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def false_negative_line(self) -> str:
+        """One line on the planted false negatives among the chosen negatives (printed also when there are 0)."""
+        if self.false_negative_share is None:
+            return "false negatives among chosen negatives: unknown (the samples carry no ground truth)"
+        return (f"false negatives among chosen negatives: {self.false_negatives_picked} of {self.negatives_picked} "
+                f"({100 * self.false_negative_share:.2f}%)")
+
+
+def false_negative_totals(datasets: dict[str, DatasetMiningStats]) -> tuple[int | None, int | None, float | None]:
+    """(false negatives picked, negatives picked, share) over the datasets whose samples carry ground truth."""
+    known = [s for s in datasets.values() if s.false_negatives_picked is not None]
+    if not known:
+        return None, None, None
+    picked = sum(s.false_negatives_picked or 0 for s in known)
+    total = sum(s.queries * s.negatives_per_query for s in known)
+    return picked, total, round(picked / total, 6) if total else 0.0

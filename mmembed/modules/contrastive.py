@@ -20,7 +20,8 @@ class ContrastiveModule(BackboneModule):
 
     Args:
         backbone, optimizer, scheduler: see ``BackboneModule``.
-        loss: the InfoNCE settings (temperature 0.03, gather across devices, duplicate masking).
+        loss: the InfoNCE settings (temperature 0.03, gather across devices, duplicate masking, optional Matryoshka
+            dimensions; see ``InfoNCELoss``).
         gradcache_chunk_size: items per chunk for gradient caching (None = off). Switches to manual optimisation;
             gradient clipping then uses ``gradient_clip_val`` given here instead of the Trainer's.
         gradient_clip_val: clipping used in GradCache mode.
@@ -58,6 +59,8 @@ class ContrastiveModule(BackboneModule):
         bs = int(batch["query"]["input_ids"].shape[0])
         self.log(f"{stage}/loss", out.loss.detach(), prog_bar=True, batch_size=bs, sync_dist=stage != "train")
         self.log(f"{stage}/inbatch_acc", out.accuracy, batch_size=bs, sync_dist=stage != "train")
+        for dim, part in out.matryoshka_losses.items():  # Matryoshka training: each truncated dimension's InfoNCE
+            self.log(f"{stage}/loss_dim{dim}", part.detach(), batch_size=bs, sync_dist=stage != "train")
         if stage == "train":
             self.log("train/num_negatives", float(out.num_negatives), batch_size=bs)
             self.log("train/hard_negatives_per_query", float(batch.get("num_negatives", 0)), batch_size=bs)

@@ -1,7 +1,13 @@
-"""``mmembed-report``: turn the ablation runs in MLflow into ``docs/reproduction.md`` (Tables 7-10 of the paper).
+"""``mmembed-report``: the paper's ablation Tables 7-10 from the runs in MLflow, as a markdown report with plots.
 
-    mmembed-report                                   # logs/mlflow.db under $MMEMBED_ROOT or the current folder
-    mmembed-report --tables 8,10 --parent 8=<run id> --commands experiments/reproduce.sh
+    mmembed-report                        # -> <run root>/reports/reproduction.md (run root: $MMEMBED_ROOT or cwd)
+    mmembed-report --out -                # print the markdown (plots still go under <run root>/reports/img)
+    mmembed-report --tables 8,10 --parent 8=<run id>
+    mmembed-report --out docs/reproduction.md --img-dir docs/img    # only this way over the shipped report
+
+The run root is the one ``experiments/configs/paths/default.yaml`` uses (``paths.root_dir``): ``$MMEMBED_ROOT``, else
+the current folder; the MLflow store is ``logs/mlflow.db`` under it, and the report goes to ``reports/`` beside it, so
+a report of some runs never overwrites ``docs/reproduction.md`` unless ``--out`` names it.
 """
 
 from __future__ import annotations
@@ -13,10 +19,19 @@ import sys
 from pathlib import Path
 
 
+def run_root() -> Path:
+    """``$MMEMBED_ROOT``, else the current folder (``paths.root_dir`` of the Hydra configs)."""
+    return Path(os.environ.get("MMEMBED_ROOT") or Path.cwd()).expanduser().resolve()
+
+
 def default_uri() -> str:
-    """``sqlite:///<MMEMBED_ROOT or cwd>/logs/mlflow.db``: where ``experiments/run.py`` logs by default."""
-    root = Path(os.environ.get("MMEMBED_ROOT") or Path.cwd()).expanduser().resolve()
-    return f"sqlite:///{root / 'logs' / 'mlflow.db'}"
+    """``sqlite:///<run root>/logs/mlflow.db``: where ``experiments/run.py`` logs by default."""
+    return f"sqlite:///{run_root() / 'logs' / 'mlflow.db'}"
+
+
+def default_out() -> Path:
+    """``<run root>/reports/reproduction.md``: a report of the runs, kept with them."""
+    return run_root() / "reports" / "reproduction.md"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,13 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite:///<MMEMBED_ROOT or "
                    "cwd>/logs/mlflow.db)")
     p.add_argument("--experiment", default="mmembed", help="MLflow experiment name (default: mmembed)")
-    p.add_argument("--out", default="docs/reproduction.md", help="the markdown report to write")
-    p.add_argument("--img-dir", default="docs/img", help="folder of the plots repro_table{7,8,9,10}.png")
+    p.add_argument("--out", default=None, help="the markdown report to write ('-': print it; default "
+                   "<run root>/reports/reproduction.md, never docs/ unless named here)")
+    p.add_argument("--img-dir", default=None, help="folder of the plots repro_table{7,8,9,10}.png (default: img/ "
+                   "beside --out)")
     p.add_argument("--parent", action="append", default=[], metavar="TABLE=RUN_ID",
                    help="use this parent run for a table (repeat; several for one table are merged)")
     p.add_argument("--tables", default="7,8,9,10", help="comma-separated tables to report (default: 7,8,9,10)")
-    p.add_argument("--commands", default="experiments/reproduce.sh",
-                   help="text file with the commands that made the runs, quoted in the report")
+    p.add_argument("--commands", default=None, metavar="FILE",
+                   help="optional text file of commands, quoted after the command lines the runs recorded")
     p.add_argument("--pipeline-exp", default="pipeline",
                    help="exp name of the Table 7 pipeline runs (default: pipeline; 'any' for every pipeline run)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="REPS",
@@ -44,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per downloaded eval folder
     from mmembed.report.collect import ReportError, Store, parse_pins
-    from mmembed.report.document import write_report
+    from mmembed.report.document import build_report
 
     tables = [t.strip().removeprefix("table") for t in args.tables.split(",") if t.strip()]
     bad = [t for t in tables if t not in ("7", "8", "9", "10")]
@@ -54,19 +71,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         pins = parse_pins(args.parent)
+        if args.commands is not None and not Path(args.commands).is_file():
+            raise ReportError(f"--commands {args.commands}: no such file (leave it out: the report lists the command "
+                              "lines the runs recorded)")
         store = Store(args.tracking_uri or default_uri(), args.experiment)
-        commands = args.commands if Path(args.commands).is_file() else None
+        to_stdout = args.out == "-"
+        out = None if to_stdout else Path(args.out) if args.out else default_out()
+        img_dir = Path(args.img_dir) if args.img_dir else (out.parent if out else default_out().parent) / "img"
         call = "mmembed-report " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-        sections = write_report(store, args.out, args.img_dir, tables, pins, commands,
-                                None if args.pipeline_exp == "any" else args.pipeline_exp, call.strip(),
-                                args.bootstrap)
+        text, sections = build_report(store, out, img_dir, tables, pins, args.commands,
+                                      None if args.pipeline_exp == "any" else args.pipeline_exp, call.strip(),
+                                      args.bootstrap)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if out is None:
+        sys.stdout.write(text)
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
     for s in sections:
         state = f"{len(s.claims)} claims" if s.ran else "not run"
         print(f"table {s.table}: {state}")
-    print(f"wrote {args.out} (plots in {args.img_dir})")
+    print(f"wrote {out} (plots in {img_dir})")
     return 0
 
 

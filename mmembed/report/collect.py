@@ -261,3 +261,18 @@ def latest_per_seed(records: Sequence[RunRecord]) -> dict[str, RunRecord]:
 def params_of(records: Sequence[RunRecord], key: str) -> list[str]:
     return unique(r.params.get(key) for r in records)
 
+
+
+def recorded_commands(parents: Sequence[Any], runs: Iterable[Any]) -> tuple[list[tuple[str, list[str]]], int]:
+    """``([(command line, [run ids that recorded it])], parents without one)``: the command lines the runs recorded
+    at start (tag ``mmembed.command``, :func:`mmembed.tracking.command_line`), parents first, in order; runs made
+    before the kit recorded commands have none and are counted among the parents that lack one."""
+    found: dict[str, list[str]] = {}
+    for run in [*parents, *runs]:
+        line = run.data.tags.get(tracking.COMMAND_TAG)
+        if line:
+            ids = found.setdefault(line, [])
+            if run.info.run_id not in ids:
+                ids.append(run.info.run_id)
+    missing = sum(not p.data.tags.get(tracking.COMMAND_TAG) for p in parents)
+    return list(found.items()), missing

@@ -1,8 +1,10 @@
-"""One PNG per table for the reproduction report: our mean ± std over seeds, the paper's numbers on a second axis.
+"""One PNG per table for the reproduction report: ours (mean ± std over seeds) above, the paper's numbers below.
 
-Our runs are small models on the synthetic world, so their scores live on another scale than the paper's: each panel
-draws ours on the left axis (error bars = sample std over seeds) and the paper's on a right axis (grey, dashed), so
-the *shapes* (orderings) can be compared. Swept values are evenly spaced categories (ranks 8/16/32, factors 1/2/4).
+Our runs are small models on the synthetic world, so their scores live on another scale than the paper's. Rather
+than a second y-axis against ours (which invites reading the two scales as one), every metric gets a column of two
+panels with their own axes: ours on top (error bars = sample std over seeds), the paper's beneath, over the same
+categories, so the *shapes* (orderings) can be compared. One legend for the figure sits outside the panels. Swept
+values are evenly spaced categories (ranks 8/16/32, factors 1/2/4).
 """
 
 from __future__ import annotations
@@ -15,65 +17,81 @@ from typing import Any
 
 from mmembed.report.stats import Cell
 
+COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
+
 
 @dataclass
 class Series:
-    """One line of a panel: our cells per category, or the paper's values (``paper=True``)."""
+    """One line of a panel: our cells per category, or the paper's values (``paper=[...]``)."""
 
     label: str
     cells: Sequence[Cell] | None = None
-    paper: Sequence[float] | None = None
+    paper: Sequence[float | None] | None = None
 
 
 @dataclass
 class Panel:
+    """One metric: its series (ours and the paper's), the y label of ours, and of the paper's (default the same)."""
+
     title: str
     series: Sequence[Series]
     ylabel: str = "score (x100)"
+    paper_ylabel: str | None = None
 
 
-def plot_panels(path: Path, categories: Sequence[str], panels: Sequence[Panel], title: str, xlabel: str = "") -> Path:
-    """Draw ``panels`` side by side over ``categories`` and save a PNG (Agg canvas, no display needed)."""
+def draw_panels(categories: Sequence[str], panels: Sequence[Panel], title: str, xlabel: str = "") -> Any:
+    """A matplotlib ``Figure`` (Agg canvas, no display needed): one column per panel over ``categories``, ours on
+    top, the paper's below, each on its own y-axis; one figure legend outside the panels when series are named."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(0.8 + 3.6 * len(panels), 3.6), layout="constrained")
+    fig = Figure(figsize=(1.6 + 3.4 * len(panels), 5.6), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    axes = fig.subplots(2, len(panels), squeeze=False, sharex="col")
     x = list(range(len(categories)))
-    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
-    for ax, panel in zip(axes, panels):
-        twin = None
+    # One color per series label across all panels and both rows, so a single figure legend names them.
+    names = list(dict.fromkeys(s.label for p in panels for s in p.series))
+    color = {name: COLORS[i % len(COLORS)] for i, name in enumerate(names)}
+    legend: dict[str, object] = {}
+    for col, panel in enumerate(panels):
+        ours_ax, paper_ax = axes[0][col], axes[1][col]
         ours = [s for s in panel.series if s.cells is not None]
         for i, s in enumerate(ours):
             ys = [c.mean for c in s.cells]
             err = [0.0 if math.isnan(c.std) else c.std for c in s.cells]
             shift = (i - (len(ours) - 1) / 2) * 0.06  # a small offset so overlapping error bars stay readable
-            ax.errorbar([v + shift for v in x], ys, yerr=err, marker="o", capsize=4, color=colors[i % 4],
-                        label=s.label if s.label == "ours" else f"{s.label}, ours")
+            h = ours_ax.errorbar([v + shift for v in x], ys, yerr=err, marker="o", capsize=4, color=color[s.label])
+            legend.setdefault(s.label, h)
         papers = [s for s in panel.series if s.paper is not None]
-        if papers:
-            twin = ax.twinx()
-            for i, s in enumerate(papers):
-                ys = [math.nan if v is None else v for v in s.paper]
-                twin.plot(x, ys, linestyle="--", marker="x", color=colors[i % 4], alpha=0.45,
-                          label=("paper" if s.label == "paper" else f"{s.label}, paper") + " (right axis)")
-            twin.set_ylabel("paper", color="grey", fontsize=8)
-            twin.tick_params(axis="y", labelcolor="grey", labelsize=8)
-        ax.set_xticks(x, list(categories), fontsize=8)
-        ax.set_xlim(-0.5, max(len(x) - 0.5, 0.5))
-        ax.set_title(panel.title, fontsize=10)
-        ax.set_ylabel(panel.ylabel, fontsize=8)
+        for s in papers:
+            ys = [math.nan if v is None else v for v in s.paper]
+            (h,) = paper_ax.plot(x, ys, linestyle="--", marker="x", color=color[s.label])
+            legend.setdefault(s.label, h)
+        if not papers:
+            paper_ax.text(0.5, 0.5, "no figure in the paper", ha="center", va="center", fontsize=8, color="grey",
+                          transform=paper_ax.transAxes)
+            paper_ax.set_yticks([])
+        ours_ax.set_title(f"{panel.title}: ours (mean ± std)", fontsize=9)
+        paper_ax.set_title(f"{panel.title}: paper", fontsize=9)
+        ours_ax.set_ylabel(panel.ylabel, fontsize=8)
+        paper_ax.set_ylabel(panel.paper_ylabel or panel.ylabel, fontsize=8)
+        for ax in (ours_ax, paper_ax):
+            ax.set_xticks(x, list(categories), fontsize=8)
+            ax.set_xlim(-0.5, max(len(x) - 0.5, 0.5))
+            ax.grid(alpha=0.3)
+            ax.tick_params(axis="y", labelsize=8)
         if xlabel:
-            ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-        handles, labels = ax.get_legend_handles_labels()
-        if twin is not None:
-            h2, l2 = twin.get_legend_handles_labels()
-            handles, labels = handles + h2, labels + l2
-        if handles:
-            ax.legend(handles, labels, fontsize=7, loc="best")
+            paper_ax.set_xlabel(xlabel, fontsize=8)
+    if len(legend) > 1:  # outside the data: to the right of the panels (constrained layout makes room for it)
+        fig.legend(list(legend.values()), list(legend), loc="outside right upper", fontsize=8,
+                   title="ours: solid, paper: dashed", title_fontsize=7)
     fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def plot_panels(path: Path, categories: Sequence[str], panels: Sequence[Panel], title: str, xlabel: str = "") -> Path:
+    """:func:`draw_panels`, saved as a PNG at ``path``."""
+    fig = draw_panels(categories, panels, title, xlabel)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path

@@ -7,7 +7,11 @@ Examples::
     mmembed-serve --model out/stage3/model --reranker out/reranker/reranker    # adds /v1/rerank
 
     curl -s 127.0.0.1:8000/v1/embeddings -H 'content-type: application/json' \\
-        -d '{"model": "m", "input": ["a red circle"], "role": "query"}'
+        -d '{"model": "m", "input": ["a red circle"], "role": "query", "dimensions": 32}'
+
+The official ``openai`` client works unchanged (docs/serving.md): a ``data:image/...;base64,`` string is an image,
+image+text inputs go in ``extra_body={"input": [{"text": ..., "image": ...}]}``, ``dimensions`` truncates
+(Matryoshka).
 
 Safe by default: binds 127.0.0.1, caps the body size, inputs per request and image pixels, and answers bad input
 with a 4xx JSON error while it keeps serving.
@@ -40,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inputs", type=int, default=d.max_inputs, help="inputs per request")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="width x height per image")
     p.add_argument("--max-text-chars", type=int, default=d.max_text_chars, help="characters per text")
+    p.add_argument("--max-request-pixels", type=int, default=d.max_request_pixels,
+                   help="pixels of all images of one request (from their headers, before decoding)")
+    p.add_argument("--max-batch-pixels", type=int, default=d.max_batch_pixels,
+                   help="decoded pixels held at once over all requests in flight (bounds a dynamic batch)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may wait before a 504")
     p.add_argument("--threads", type=int, default=None, help="torch threads in the worker (CPU)")
     p.add_argument("--reranker", default=None, help="reranker folder: adds POST /v1/rerank")
@@ -53,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         limits = Limits(max_request_bytes=int(args.max_request_mb * 2**20), max_inputs=args.max_inputs,
-                        max_image_pixels=args.max_image_pixels, max_text_chars=args.max_text_chars)
+                        max_image_pixels=args.max_image_pixels, max_text_chars=args.max_text_chars,
+                        max_request_pixels=args.max_request_pixels, max_batch_pixels=args.max_batch_pixels)
         from mmembed.serve.server import serve
 
         extra = {"vtc_factor": args.vtc_factor} if args.vtc_factor is not None else {}

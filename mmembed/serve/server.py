@@ -3,8 +3,10 @@
 Two halves, as LitServe splits them:
 
 * the **specs** (:class:`EmbeddingSpec`, :class:`RerankSpec`) run in the HTTP process: they read the body within the
-  size limit, validate it with :mod:`mmembed.serve.protocol` (decoding images under the pixel limit) and answer bad
-  requests with a 4xx JSON error *there*. Only valid jobs reach the model worker -- which matters because LitServe
+  size limit, sum the pixels of its images from their headers (413 beyond the per-request budget), wait for room in
+  the endpoint's :class:`PixelBudget` (decoded pixels in flight, which bounds a dynamic batch), validate it with
+  :mod:`mmembed.serve.protocol` (decoding images under the pixel limits) and answer bad requests with a 4xx JSON
+  error *there*. Only valid jobs reach the model worker -- which matters because LitServe
   fails a whole dynamic batch when one of its requests raises in the worker;
 * the **APIs** (:class:`EmbeddingAPI`, :class:`RerankAPI`) run in the inference worker: ``setup`` loads the model once,
   ``predict`` takes the requests LitServe collected into a batch (up to ``max_batch_size`` within
@@ -20,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import pickle
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -33,6 +37,7 @@ from fastapi.responses import JSONResponse
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 
+from mmembed.matryoshka import truncate_embeddings
 from mmembed.serve.protocol import (
     EmbeddingJob,
     Limits,
@@ -41,6 +46,7 @@ from mmembed.serve.protocol import (
     embedding_response,
     parse_embedding_request,
     parse_rerank_request,
+    request_pixels,
     rerank_response,
 )
 
@@ -50,15 +56,46 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 # --------------------------------------------------------------------------------------------- HTTP-process half
+class PixelBudget:
+    """Decoded image pixels the server holds at once, over every request between decoding and its answer.
+
+    Each request takes its pixels (summed from the image headers) before it decodes anything and gives them back
+    once answered, so the images in the HTTP process, in the worker queue and in one dynamic batch never exceed
+    ``capacity`` together, however many clients send large images at the same time. Shared by the endpoints of
+    one server (they run in one event loop).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.used = capacity, 0
+        self._cond: asyncio.Condition | None = None
+
+    async def acquire(self, pixels: int, timeout: float) -> None:
+        """Wait until ``pixels`` fit (``TimeoutError`` after ``timeout`` seconds)."""
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        async with self._cond:
+            await asyncio.wait_for(self._cond.wait_for(lambda: self.used + pixels <= self.capacity), timeout)
+            self.used += pixels
+
+    async def release(self, pixels: int) -> None:
+        assert self._cond is not None
+        async with self._cond:
+            self.used -= pixels
+            self._cond.notify_all()
+
+
 class _JSONSpec(LitSpec):
     """A POST endpoint that validates JSON in the HTTP process and queues only valid jobs for the worker."""
 
     path = "/"
+    rerank = False  # which body shape request_pixels reads
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, budget: PixelBudget | None = None, wait_timeout: float = 120.0) -> None:
         super().__init__()
         self.limits = limits
         self.api_path = self.path
+        self.budget = budget or PixelBudget(limits.max_batch_pixels)
+        self.wait_timeout = wait_timeout
 
     def pre_setup(self, lit_api: ls.LitAPI) -> None:
         self.api_path = self.path
@@ -91,10 +128,31 @@ class _JSONSpec(LitSpec):
             return json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise RequestError(400, "the request body is not valid JSON", code="bad_json") from None
+        except RecursionError:  # e.g. 100k nested brackets: valid JSON, but no request of ours nests like that
+            raise RequestError(400, "the request body nests too deeply", code="bad_json") from None
 
     async def endpoint(self, request: Request) -> JSONResponse:
         try:
-            job = self.parse(await self._read_json(request))
+            payload = await self._read_json(request)
+            pixels = request_pixels(payload, self.limits, rerank=self.rerank)  # headers only: 413 before decoding
+        except RequestError as err:
+            return JSONResponse(err.body(), status_code=err.status)
+        if pixels:
+            try:
+                await self.budget.acquire(pixels, self.wait_timeout)
+            except TimeoutError:
+                return JSONResponse(RequestError(503, f"the server is busy with other images; {pixels} pixels did "
+                                                      f"not fit within {self.wait_timeout:.0f}s -- retry later",
+                                                 code="server_busy").body(), status_code=503)
+        try:
+            return await self._answer(payload)
+        finally:
+            if pixels:
+                await self.budget.release(pixels)
+
+    async def _answer(self, payload: Any) -> JSONResponse:
+        try:
+            job = self.parse(payload)
         except RequestError as err:
             return JSONResponse(err.body(), status_code=err.status)
         uid = uuid.uuid4()
@@ -125,8 +183,8 @@ class EmbeddingSpec(_JSONSpec):
 
     path = "/v1/embeddings"
 
-    def __init__(self, limits: Limits, embed_dim: int | None = None) -> None:
-        super().__init__(limits)
+    def __init__(self, limits: Limits, embed_dim: int | None = None, budget: PixelBudget | None = None) -> None:
+        super().__init__(limits, budget)
         self.embed_dim = embed_dim
 
     def parse(self, payload: Any) -> EmbeddingJob:
@@ -140,6 +198,7 @@ class RerankSpec(_JSONSpec):
     """``POST /v1/rerank``: ``{"query": ..., "documents": [...], "top_n": n}`` -> documents by P("Yes")."""
 
     path = "/v1/rerank"
+    rerank = True
 
     def parse(self, payload: Any) -> RerankJob:
         return parse_rerank_request(payload, self.limits)
@@ -206,7 +265,9 @@ class EmbeddingAPI(ls.LitAPI):
             start = 0
             for j in idx:
                 n = len(jobs[j].items)
-                out[j] = {"embeddings": vecs[start : start + n].tolist(), "tokens": int(sum(lengths[start:start + n]))}
+                # Matryoshka: each request's own "dimensions" (the batch may mix them), cut after encoding.
+                part = truncate_embeddings(vecs[start : start + n], jobs[j].dimensions)
+                out[j] = {"embeddings": part.tolist(), "tokens": int(sum(lengths[start:start + n]))}
                 start += n
         return out
 
@@ -272,12 +333,17 @@ def build_server(model: str, *, limits: Limits = Limits(), max_batch_size: int =
     if max_batch_size < 1 or batch_timeout < 0 or encode_batch_size < 1:
         raise ValueError("max_batch_size and encode_batch_size must be >= 1 and batch_timeout >= 0")
     embed_dim = load_config(model).text_config.hidden_size  # fails early on a bad model name, before any worker
+    if device == "cuda":
+        from mmembed.cli_args import check_device
+
+        check_device(device)
     apis: list[ls.LitAPI] = [EmbeddingAPI(model, limits=limits, max_batch_size=max_batch_size,
                                           batch_timeout=batch_timeout, encode_batch_size=encode_batch_size,
                                           precision=precision, threads=threads, embed_dim=embed_dim,
                                           **embedder_kwargs)]
     if reranker is not None:
         load_reranker_class()  # fail now, not in the worker
+        load_config(reranker)  # a missing / wrong folder too: in the worker it ends as a multi-process traceback
         apis.append(RerankAPI(reranker, limits=limits, threads=threads))
     accelerator = device if device in ("cpu", "cuda") else "auto"
     return ls.LitServer(apis, accelerator=accelerator, devices=1, timeout=timeout,
@@ -290,10 +356,21 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, log_level: s
     if host not in LOOPBACK:
         log.warning("binding %s: the server has no authentication; put it behind a proxy that has", host)
     server = build_server(model, **kwargs)
+    main_pid = os.getpid()
 
-    def _stop(signum, frame):  # SIGTERM -> the graceful path LitServe takes on Ctrl-C (workers are stopped too)
+    def _stop(signum, frame):
+        # SIGTERM -> the graceful path LitServe takes on Ctrl-C (it stops its workers too). The HTTP and model
+        # workers are forked and inherit this handler; uvicorn re-raises the SIGTERM it caught after its own clean
+        # shutdown, so in a worker a quiet exit is right (a KeyboardInterrupt there printed a traceback).
+        if os.getpid() != main_pid:
+            raise SystemExit(0)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
+    shown = "127.0.0.1" if host == "localhost" else host
+    url = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}"
+    print(f"mmembed-serve: {model} ({server.model_metadata['embed_dim']}-d embeddings) on {url} -- POST "
+          f"{url}/v1/embeddings, GET {url}/health (ready once the model has loaded); SIGTERM or Ctrl-C stops it",
+          file=sys.stderr, flush=True)
     server.run(host="127.0.0.1" if host == "localhost" else host, port=port, generate_client_file=False,
                num_api_servers=1, log_level=log_level)

@@ -18,7 +18,7 @@ re-exported here, so ``from mmembed.tracking import X`` works for all of them.
 """
 
 from mmembed.report.markdown import markdown_table
-from mmembed.tracking.liveness import mark_stale_runs, process_alive, process_tags, reopen_run
+from mmembed.tracking.liveness import command_line, mark_stale_runs, process_alive, process_tags, reopen_run
 from mmembed.tracking.pipelines import log_pipeline_summary, log_reused_stage, start_pipeline_run
 from mmembed.tracking.runs import (
     config_params,
@@ -33,6 +33,7 @@ from mmembed.tracking.runs import (
 )
 from mmembed.tracking.store import (
     ARTIFACT_DIRNAME,
+    COMMAND_TAG,
     DB_NAME,
     END_REASON_TAG,
     EXPERIMENT_KIND,
@@ -87,7 +88,9 @@ from mmembed.tracking.sweeps import (
 )
 
 __all__ = [
-    "ARTIFACT_DIRNAME", "DB_NAME", "END_REASON_TAG", "EXPERIMENT_KIND", "EXPERIMENT_KIND_TAG", "EXPERIMENT_TAG",
+    "ARTIFACT_DIRNAME",
+    "COMMAND_TAG",
+    "command_line", "DB_NAME", "END_REASON_TAG", "EXPERIMENT_KIND", "EXPERIMENT_KIND_TAG", "EXPERIMENT_TAG",
     "GIT_COMMIT_TAG", "HOST_TAG", "MAX_KEY_LENGTH", "MAX_PARAM_LENGTH", "PARENT_RUN_TAG", "PID_START_TAG", "PID_TAG",
     "PIPELINE_TAG", "RESUMED_TAG", "RESUME_CHANGED_TAG", "RUN_NAME_TAG", "SEED_TAG", "STAGE_REUSED_TAG", "STAGE_TAG",
     "SWEEP_BEST_TAG", "SWEEP_DIR_TAG", "SWEEP_FAILED_TAG", "SWEEP_JOBS_TAG", "SWEEP_JOB_TAG", "SWEEP_KEYS_TAG",

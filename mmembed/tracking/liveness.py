@@ -5,11 +5,21 @@ marked KILLED when the next run starts (:func:`mark_stale_runs`); a resumed run 
 from __future__ import annotations
 
 import os
+import shlex
 import socket
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mmembed.tracking.store import END_REASON_TAG, HOST_TAG, PID_START_TAG, PID_TAG, RESUMED_TAG, _quote
+from mmembed.tracking.store import (
+    COMMAND_TAG,
+    END_REASON_TAG,
+    HOST_TAG,
+    PID_START_TAG,
+    PID_TAG,
+    RESUMED_TAG,
+    _quote,
+)
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -25,10 +35,18 @@ def _proc_stat(pid: int) -> tuple[str, str] | None:
     return (fields[0], fields[19]) if len(fields) > 19 else None
 
 
+def command_line() -> str:
+    """This process's command line as it can be typed again (``python experiments/run.py +exp=x seed=0``)."""
+    argv = list(sys.argv)
+    return shlex.join((["python"] if argv and argv[0].endswith(".py") else []) + argv)[:5000]
+
+
 def process_tags() -> dict[str, str]:
-    """Tags naming this process (host, pid, start time), by which :func:`mark_stale_runs` tells a dead run."""
+    """Tags naming this process (host, pid, start time), by which :func:`mark_stale_runs` tells a dead run, and its
+    command line (:data:`~mmembed.tracking.store.COMMAND_TAG`)."""
     stat = _proc_stat(os.getpid())
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PID_START_TAG: stat[1] if stat else ""}
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PID_START_TAG: stat[1] if stat else "",
+            COMMAND_TAG: command_line()}
 
 
 def process_alive(pid: int, start: str | None = None) -> bool:

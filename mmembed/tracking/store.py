@@ -32,6 +32,7 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 HOST_TAG = "mmembed.host"
 PID_TAG = "mmembed.pid"
+COMMAND_TAG = "mmembed.command"  # the command line that started the run (mmembed-report lists it)
 PID_START_TAG = "mmembed.pid_start"  # the process start time (/proc), so a reused pid is not taken for the run's
 END_REASON_TAG = "mmembed.end_reason"
 RESUMED_TAG = "mmembed.resumed"

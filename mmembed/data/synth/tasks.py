@@ -5,6 +5,13 @@ its query *accepts* and which keys each candidate *provides*; a candidate answer
 That one rule picks clean eval distractors (never a second right answer) and lists the training samples whose
 positives also answer a query (``meta["false_negative_ids"]``), so rule-based and judge-based mining can be
 compared against the truth.
+
+Planted false negatives (:func:`plant_false_negatives`, the world's ``false_negative_rate``): every training dataset
+can give a candidate that also answers other queries -- a paraphrased label or answer (classification, VQA) or a
+second view of the same thing (another rendering of a scene, a second caption of it, another crop of the object,
+another print of the page) in place of a fresh example. Such a candidate is a valid positive that a rule-based miner
+takes for a negative. The generators describe how (``Example.variant`` / ``Example.sibling``) without drawing from
+their own random stream, so a rate of 0 leaves the world byte-identical to one generated without the option.
 """
 
 from __future__ import annotations
@@ -47,12 +54,33 @@ class Example:
     hard: list[Cand] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
     q_uid: str = ""
+    # How to plant a false negative from this example (see plant_false_negatives); never drawn unless planting.
+    variant: Callable[[random.Random], Cand] | None = field(default=None, repr=False, compare=False)
+    sibling: Callable[[random.Random, int], Example] | None = field(default=None, repr=False, compare=False)
 
     def answered_by(self, cand: Cand) -> bool:
         return bool(self.accepts & cand.provides)
 
 
 Generator = Callable[[random.Random, int, int], list[Example]]
+
+# Paraphrases of a label or short answer: another text that answers the same query (a false negative for every other
+# query with that label once it is in the corpus). Each template gives one distinct candidate per label.
+PARAPHRASES: dict[str, tuple[str, ...]] = {
+    "shape": ("a {} shape", "the {}"),
+    "background": ("a {} scene", "{} background"),
+    "color": ("the colour {}", "{} coloured"),
+    "texture": ("a {} pattern", "{} texture"),
+    "count": ("there are {}", "{} in total"),
+    "answer": ("it is {}", "the answer is {}"),
+}
+
+
+def _paraphrase(label: str, kind: str) -> Callable[[random.Random], Cand]:
+    def variant(rng: random.Random) -> Cand:
+        return _t(rng.choice(PARAPHRASES[kind]).format(label), label)
+
+    return variant
 
 
 @dataclass(frozen=True)
@@ -100,7 +128,7 @@ def _gen_label(attr: str, n_objects: tuple[int, int]) -> Generator:
                 scene = sc.Scene(scene.background, (obj,), scene.tint)
             label = scene.background if attr == "background" else getattr(scene.objects[0], attr)
             out.append(Example(None, sc.render(scene, side), _t(label), frozenset([label]), meta=scene.to_meta(),
-                               q_uid=_uid(i, "q")))
+                               q_uid=_uid(i, "q"), variant=_paraphrase(label, attr)))
         return out
 
     return gen
@@ -119,7 +147,8 @@ def _gen_vqa_count(rng: random.Random, n: int, side: int) -> list[Example]:
         scene = sc.Scene(bg, tuple(objs), rng.randint(-8, 8))
         answer = sc.COUNT_WORDS[k]
         out.append(Example(f"How many {sc.PLURALS[shape]} are there?", sc.render(scene, side), _t(answer),
-                           frozenset([answer]), meta=scene.to_meta(), q_uid=_uid(i, "q")))
+                           frozenset([answer]), meta=scene.to_meta(), q_uid=_uid(i, "q"),
+                           variant=_paraphrase(answer, "count")))
     return out
 
 
@@ -133,7 +162,8 @@ def _gen_vqa_color(rng: random.Random, n: int, side: int) -> list[Example]:
         if target.color in ref.split():  # "the red circle on the left" would give the answer away
             ref = f"the {target.texture} {target.shape} {sc.POSITION_PHRASES[target.position]}"
         out.append(Example(f"What color is {ref}?", sc.render(scene, side), _t(target.color),
-                           frozenset([target.color]), meta=scene.to_meta(), q_uid=_uid(i, "q")))
+                           frozenset([target.color]), meta=scene.to_meta(), q_uid=_uid(i, "q"),
+                           variant=_paraphrase(target.color, "color")))
     return out
 
 
@@ -176,8 +206,19 @@ def _gen_vqa_doc(rng: random.Random, n: int, side: int) -> list[Example]:
         hard = [_t(a) for a in _alternatives(q, rng)]
         out.append(Example(q.text, page, _t(q.answer), frozenset([q.answer]), hard=hard,
                            meta={"company": company.name, "page_type": q.page_type, "fact": q.kind},
-                           q_uid=_uid(i, "q")))
+                           q_uid=_uid(i, "q"), sibling=_doc_vqa_sibling(company, q, hard)))
     return out
+
+
+def _doc_vqa_sibling(company: docs.Company, q: docs.Question, hard: list[Cand]
+                     ) -> Callable[[random.Random, int], Example]:
+    """The same question on a second print of the page; the positive is the answer in other words."""
+    def sibling(rng: random.Random, i: int) -> Example:
+        page = docs.render_page(company, q.page_type, size=rng.choice(REPRINT_SIZES))
+        return Example(q.text, page, _paraphrase(q.answer, "answer")(rng), frozenset([q.answer]), hard=list(hard),
+                       meta={"company": company.name, "page_type": q.page_type, "fact": q.kind}, q_uid=_uid(i, "q"))
+
+    return sibling
 
 
 # ------------------------------------------------------------------------------------------------------ retrieval
@@ -216,8 +257,27 @@ def _gen_t2i(rng: random.Random, n: int, side: int) -> list[Example]:
         else:
             text, accepts = sc.long_caption(scene), frozenset([("l", scene.signature)])
         pos = Cand(None, sc.render(scene, side), _scene_provides(scene), _uid(i, "p"))
-        out.append(Example(text, None, pos, accepts, meta=scene.to_meta(), q_uid=_uid(i, "q")))
+        out.append(Example(text, None, pos, accepts, meta=scene.to_meta(), q_uid=_uid(i, "q"),
+                           sibling=_t2i_sibling(scene, side)))
     return out
+
+
+def _caption(scene: sc.Scene, rng: random.Random) -> tuple[str, tuple]:
+    """A random caption of ``scene`` and the key it provides (short caption of one object, or the long one)."""
+    if rng.random() < 0.5:
+        obj = rng.choice(scene.objects)
+        return sc.short_caption(scene, obj), ("s", scene.background, *obj.look)
+    return sc.long_caption(scene), ("l", scene.signature)
+
+
+def _t2i_sibling(scene: sc.Scene, side: int) -> Callable[[random.Random, int], Example]:
+    """Another caption of the same scene, whose positive is another rendering of it (a second photo)."""
+    def sibling(rng: random.Random, i: int) -> Example:
+        text, key = _caption(scene, rng)
+        pos = Cand(None, sc.render(sc.rejitter(scene, rng), side), _scene_provides(scene), _uid(i, "p"))
+        return Example(text, None, pos, frozenset([key]), meta=scene.to_meta(), q_uid=_uid(i, "q"))
+
+    return sibling
 
 
 def _gen_i2t(rng: random.Random, n: int, side: int) -> list[Example]:
@@ -231,8 +291,21 @@ def _gen_i2t(rng: random.Random, n: int, side: int) -> list[Example]:
         else:
             pos = _t(sc.long_caption(scene), ("l", scene.signature))
         out.append(Example(None, sc.render(scene, side), pos, _scene_provides(scene), meta=scene.to_meta(),
-                           q_uid=_uid(i, "q")))
+                           q_uid=_uid(i, "q"), sibling=_i2t_sibling(scene, pos.text or "", side)))
     return out
+
+
+def _i2t_sibling(scene: sc.Scene, taken: str, side: int) -> Callable[[random.Random, int], Example]:
+    """Another rendering of the same scene, whose positive is a second caption of it."""
+    def sibling(rng: random.Random, i: int) -> Example:
+        for _ in range(8):  # another text than the original positive (the same text would be the same candidate)
+            text, key = _caption(scene, rng)
+            if text != taken:
+                break
+        image = sc.render(sc.rejitter(scene, rng), side)
+        return Example(None, image, _t(text, key), _scene_provides(scene), meta=scene.to_meta(), q_uid=_uid(i, "q"))
+
+    return sibling
 
 
 def _sig(scene: sc.Scene) -> frozenset:
@@ -254,8 +327,19 @@ def _gen_it2i(rng: random.Random, n: int, side: int) -> list[Example]:
                      meta={"reference": ref.to_meta(), "target": target.to_meta(), "edit": text}, q_uid=_uid(i, "q"))
         ex.hard = [c for c in ex.hard if not ex.answered_by(c)]
         assert not ex.answered_by(unchanged), "every edit changes the scene"
+        ex.sibling = _it2i_sibling(ex, ref, target, side)
         out.append(ex)
     return out
+
+
+def _it2i_sibling(ex: Example, ref: sc.Scene, target: sc.Scene, side: int) -> Callable[[random.Random, int], Example]:
+    """The same edit asked of another rendering of the reference; the positive is another rendering of the target."""
+    def sibling(rng: random.Random, i: int) -> Example:
+        pos = Cand(None, sc.render(sc.rejitter(target, rng), side), _sig(target), _uid(i, "p"))
+        return Example(ex.q_text, sc.render(sc.rejitter(ref, rng), side), pos, ex.accepts,
+                       negatives=list(ex.negatives), hard=list(ex.hard), meta=dict(ex.meta), q_uid=_uid(i, "q"))
+
+    return sibling
 
 
 def _gen_i2i(rng: random.Random, n: int, side: int) -> list[Example]:
@@ -266,8 +350,18 @@ def _gen_i2i(rng: random.Random, n: int, side: int) -> list[Example]:
         changed, _ = sc.edit_scene(scene, rng, kind=rng.choice(["color", "shape"]))
         neg = Cand(None, sc.render(sc.rejitter(changed, rng), side), _sig(changed), _uid(i, "n0"))
         out.append(Example(None, sc.render(scene, side), pos, _sig(scene), negatives=[neg], hard=[neg],
-                           meta=scene.to_meta(), q_uid=_uid(i, "q")))
+                           meta=scene.to_meta(), q_uid=_uid(i, "q"), sibling=_i2i_sibling(scene, neg, side)))
     return out
+
+
+def _i2i_sibling(scene: sc.Scene, neg: Cand, side: int) -> Callable[[random.Random, int], Example]:
+    """Two more renderings of the same scene: query and positive."""
+    def sibling(rng: random.Random, i: int) -> Example:
+        pos = Cand(None, sc.render(sc.rejitter(scene, rng, 1.5), side), _sig(scene), _uid(i, "p"))
+        return Example(None, sc.render(sc.rejitter(scene, rng), side), pos, _sig(scene), negatives=[neg],
+                       hard=[neg], meta=scene.to_meta(), q_uid=_uid(i, "q"))
+
+    return sibling
 
 
 def _pair_key(a: sc.Obj, b: sc.Obj) -> tuple:
@@ -292,8 +386,21 @@ def _gen_swap(rng: random.Random, n: int, side: int) -> list[Example]:
         pos = _t(sc.pair_caption(oa, ob), ("p", _pair_key(oa, ob)))
         negs = [_t(sc.pair_caption(*x), ("p", _pair_key(*x))) for x in (swapped, replaced)]
         out.append(Example(None, sc.render(scene, side), pos, accepts, negatives=negs, hard=list(negs),
-                           meta=scene.to_meta(), q_uid=_uid(i, "q")))
+                           meta=scene.to_meta(), q_uid=_uid(i, "q"), sibling=_swap_sibling(scene, oa, ob, negs, side)))
     return out
+
+
+def _swap_sibling(scene: sc.Scene, oa: sc.Obj, ob: sc.Obj, negs: list[Cand], side: int
+                  ) -> Callable[[random.Random, int], Example]:
+    """Another rendering of the scene; the positive names the same pair in the other order (same meaning)."""
+    def sibling(rng: random.Random, i: int) -> Example:
+        first, second = sc.pair_caption(oa, ob).split(" and ", 1)
+        pos = _t(f"{second} and {first}", ("p", _pair_key(oa, ob)))
+        accepts = frozenset(("p", k) for k in scene.pair_keys())
+        return Example(None, sc.render(sc.rejitter(scene, rng), side), pos, accepts, negatives=list(negs),
+                       hard=list(negs), meta=scene.to_meta(), q_uid=_uid(i, "q"))
+
+    return sibling
 
 
 POSTER_NAMES = ("Aurora", "Beacon", "Cascade", "Drift", "Ember", "Fable", "Glimmer", "Harbor", "Ivy", "Juniper")
@@ -329,10 +436,26 @@ def _gen_grounding(point: bool) -> Generator:
                           _uid(i, f"c{j}")) for j, o in enumerate(scene.objects)]
             others = [c for j, c in enumerate(crops) if j != k]
             out.append(Example(text, image, crops[k], crops[k].provides, negatives=[rng.choice(others)],
-                               hard=others, meta={**scene.to_meta(), "target": k}, q_uid=_uid(i, "q")))
+                               hard=others, meta={**scene.to_meta(), "target": k}, q_uid=_uid(i, "q"),
+                               sibling=_grounding_sibling(scene, k, text, crops[k].provides, side)))
         return out
 
     return gen
+
+
+def _grounding_sibling(scene: sc.Scene, k: int, text: str, provides: frozenset, side: int
+                       ) -> Callable[[random.Random, int], Example]:
+    """The same question on another rendering of the scene; the positive is the object's crop from that rendering."""
+    def sibling(rng: random.Random, i: int) -> Example:
+        jittered = sc.rejitter(scene, rng)
+        image = sc.render(jittered, side)
+        crops = [Cand(None, sc.crop_object(image, o), frozenset([("crop", scene.background, o.size, *o.look)]),
+                      _uid(i, f"c{j}")) for j, o in enumerate(jittered.objects)]
+        others = [c for j, c in enumerate(crops) if j != k]
+        return Example(text, image, crops[k], provides, negatives=[rng.choice(others)], hard=others,
+                       meta={**scene.to_meta(), "target": k}, q_uid=_uid(i, "q"))
+
+    return sibling
 
 
 # ---------------------------------------------------------------------------------------------- visual documents
@@ -350,8 +473,67 @@ def _gen_t2vd(rng: random.Random, n: int, side: int) -> list[Example]:
             pages[key] = Cand(None, image, frozenset([("page", *key)]), f"page_{company.name}_{q.page_type}")
         out.append(Example(q.text, None, pages[key], frozenset([("page", *key)]),
                            meta={"company": company.name, "page_type": q.page_type, "answer": q.answer},
-                           q_uid=_uid(i, "q")))
+                           q_uid=_uid(i, "q"), sibling=_page_sibling(company, q.page_type)))
     return out
+
+
+# Sizes of a second print of a page (another scan of the same document): same facts, other pixels and tiling.
+REPRINT_SIZES = ((608, 784), (736, 944))
+
+
+def _page_sibling(company: docs.Company, page_type: str) -> Callable[[random.Random, int], Example]:
+    """Another question on the same page; the positive is a second print of that page."""
+    def sibling(rng: random.Random, i: int) -> Example:
+        q = rng.choice([x for x in docs.questions(company) if x.page_type == page_type])
+        size = rng.choice(REPRINT_SIZES)
+        key = ("page", company.name, page_type)
+        pos = Cand(None, docs.render_page(company, page_type, size=size), frozenset([key]),
+                   f"page_{company.name}_{page_type}_{size[0]}")
+        return Example(q.text, None, pos, frozenset([key]),
+                       meta={"company": company.name, "page_type": page_type, "answer": q.answer},
+                       q_uid=_uid(i, "q"))
+
+    return sibling
+
+
+# ------------------------------------------------------------------------------------------- planted false negatives
+def plant_false_negatives(examples: list[Example], rng: random.Random, rate: float) -> tuple[list[Example], int]:
+    """Give a share ``rate`` of the examples a candidate that is also a valid positive of other queries.
+
+    A paraphrased label or answer replaces the positive of an example that has a ``variant`` (it then answers every
+    query with that label); an example that has a ``sibling`` is replaced by a new example about the same thing as
+    an earlier one (another rendering, caption, crop or print), so each of the two positives answers both queries.
+    ``rng`` is the planting's own stream, so the examples' content is unchanged where nothing is planted.
+
+    Args:
+        examples: A dataset's training examples, in order (not modified).
+        rng: The planting's random stream.
+        rate: Probability, per example, of planting.
+
+    Returns:
+        The new list of examples and how many were planted.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"false_negative_rate must be in [0, 1], got {rate}")
+    out, planted = list(examples), 0
+    if rate == 0.0:
+        return out, 0
+    for i, ex in enumerate(examples):
+        if rng.random() >= rate:
+            continue
+        if ex.variant is not None:
+            out[i] = replace(ex, pos=ex.variant(rng), meta={**ex.meta, "planted": "paraphrase"})
+            planted += 1
+        elif i > 0:
+            j = rng.randrange(max(0, i - 50), i)  # a recent example, like _twin: near in the shard order
+            if out[j].sibling is None:
+                continue
+            new = out[j].sibling(rng, i)
+            new.meta = {**new.meta, "planted": "sibling", "planted_from": out[j].q_uid}
+            new.sibling = out[j].sibling  # a later example may plant from this one too
+            out[i] = new
+            planted += 1
+    return out, planted
 
 
 def _paper(dataset: str) -> tuple[str, str]:

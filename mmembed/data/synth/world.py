@@ -12,6 +12,11 @@ Layout under ``out``::
     instruct/llava.json + instruct/images/   LLaVA-style conversations
     manifest.json                        seed, size and counts per dataset / task / split
 
+Planted false negatives (``false_negative_rate``, training sets only; evaluation sets stay clean): see
+:func:`mmembed.data.synth.tasks.plant_false_negatives`. Every training sample lists, in ``meta["false_negative_ids"]``,
+the ids of the other candidates that also answer its query -- planted or by chance -- and the manifest counts them.
+A rate of 0 gives the world of earlier releases (only ``synth_ret_t2i`` / ``synth_ret_i2t`` carry chance twins).
+
 Every unit of work draws from its own RNG, seeded by ``(seed, split, name)``, so the output is byte-identical for
 a seed whatever the number of worker processes, and eval examples never share a random stream with training.
 """
@@ -35,7 +40,7 @@ from PIL import Image
 from mmembed.data.schema import Sample, Side
 from mmembed.data.synth import documents as docs
 from mmembed.data.synth.instruct import make_instruct
-from mmembed.data.synth.tasks import BY_NAME, DATASETS, Cand, Example, SynthDataset, _companies
+from mmembed.data.synth.tasks import BY_NAME, DATASETS, Cand, Example, SynthDataset, _companies, plant_false_negatives
 from mmembed.data.synth.xmodal import write_xmodal
 from mmembed.data.writing import encode_image, write_shards
 
@@ -74,8 +79,16 @@ class SizeConfig:
 SIZES: dict[str, SizeConfig] = {
     "ci": SizeConfig(24, 12, 8, 5, 12, 24, maxcount=8),
     "small": SizeConfig(96, 64, 16, 24, 64, 300, maxcount=24),
+    # small's training data with evaluation sets precise to about a point: 256 queries per MMEB subset and per VisDoc
+    # set (binomial SE of the overall MMEB score ~0.5 at tiny-model accuracies; 64 queries give ~1.1)
+    "repro": SizeConfig(96, 256, 16, 96, 256, 300, maxcount=24),
     "full": SizeConfig(4000, 200, 20, 100, 200, 8000, maxcount=500),
 }
+
+
+# Chosen by measurement (docs/synthetic_world.md): at 0.3, 6.5% of a trained tiny miner's rule-based top-12
+# negatives are planted false negatives (0.1: 3.8%, 0.2: 5.5%, 0.4: 8.5%; 0: 0.3%, the earlier world).
+DEFAULT_FALSE_NEGATIVE_RATE = 0.3
 
 
 def _rng(seed: int, split: str, name: str) -> random.Random:
@@ -125,10 +138,12 @@ def to_samples(ds: SynthDataset, examples: list[Example]) -> Iterator[tuple[Samp
         yield sample, images
 
 
-def write_train(name: str, out: Path, seed: int, cfg: SizeConfig) -> dict[str, Any]:
+def write_train(name: str, out: Path, seed: int, cfg: SizeConfig, false_negative_rate: float = 0.0
+                ) -> dict[str, Any]:
     """Generate and shard one training dataset; returns its manifest entry."""
     ds = BY_NAME[name]
     examples = ds.generate(_rng(seed, "train", name), cfg.train_per_dataset, cfg.image_side)
+    examples, planted = plant_false_negatives(examples, _rng(seed, "false-negatives", name), false_negative_rate)
     pattern = str(out / "train" / f"{name}-%06d.tar")
     paths = write_shards(to_samples(ds, examples), pattern, maxcount=cfg.maxcount, png_compress_level=PNG_LEVEL)
     fns = false_negative_ids(examples, name)
@@ -138,7 +153,9 @@ def write_train(name: str, out: Path, seed: int, cfg: SizeConfig) -> dict[str, A
         "task": ds.task,
         "meta_task": ds.meta_task,
         "negatives": ds.negatives,
+        "planted_false_negatives": planted,
         "queries_with_false_negatives": sum(bool(f) for f in fns),
+        "false_negative_pairs": sum(len(f) for f in fns),
     }
 
 
@@ -271,7 +288,9 @@ _WRITERS = {"train": write_train, "mmeb": write_mmeb, "visdoc": write_visdoc, "i
             "judge": write_judge, "xmodal": write_xmodal}
 
 
-def _run(unit: tuple[str, str], out: Path, seed: int, cfg: SizeConfig) -> dict[str, Any]:
+def _run(unit: tuple[str, str], out: Path, seed: int, cfg: SizeConfig, fn_rate: float) -> dict[str, Any]:
+    if unit[0] == "train":
+        return write_train(unit[1], out, seed, cfg, fn_rate)
     return _WRITERS[unit[0]](unit[1], out, seed, cfg)
 
 
@@ -304,6 +323,7 @@ def generate(
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    false_negative_rate: float = DEFAULT_FALSE_NEGATIVE_RATE,
 ) -> dict[str, Any]:
     """Generate the synthetic world under ``out`` (see the module docstring for the layout).
 
@@ -314,12 +334,17 @@ def generate(
         workers: Processes used to generate units in parallel (does not change the output).
         overwrite: Replace a previous synthetic world in ``out``.
         progress: Show a rich progress bar.
+        false_negative_rate: Share of training examples given a planted false negative (a paraphrased label or
+            answer, or a second view of the same thing; see :func:`~mmembed.data.synth.tasks.plant_false_negatives`);
+            0 gives the world of earlier releases.
 
     Returns:
         The manifest (also written to ``out/manifest.json``).
     """
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; use one of {list(SIZES)}")
+    if not 0.0 <= float(false_negative_rate) <= 1.0:
+        raise ValueError(f"false_negative_rate must be in [0, 1], got {false_negative_rate}")
     cfg, out = SIZES[size], Path(out)
     _prepare(out, overwrite)
     (out / "eval" / "mmeb").mkdir(parents=True, exist_ok=True)
@@ -333,16 +358,17 @@ def generate(
         task = bar.add_task(f"{size} seed={seed}", total=len(units))
         if workers > 1:
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                futures = {u: pool.submit(_run, u, out, seed, cfg) for u in units}
+                futures = {u: pool.submit(_run, u, out, seed, cfg, false_negative_rate) for u in units}
                 for u in units:
                     results[u] = futures[u].result()
                     bar.update(task, advance=1, description=f"{u[0]}/{u[1]}")
         else:
             for u in units:
                 bar.update(task, description=f"{u[0]}/{u[1]}")
-                results[u] = _run(u, out, seed, cfg)
+                results[u] = _run(u, out, seed, cfg, false_negative_rate)
                 bar.advance(task)
     manifest = _manifest(results, seed, size, cfg)
+    manifest["false_negative_rate"] = float(false_negative_rate)
     subsets = {name: entry for (kind, name), entry in results.items() if kind == "mmeb"}
     (out / "eval" / "mmeb" / "subsets.json").write_text(json.dumps(subsets, indent=2, sort_keys=True) + "\n")
     sets = {name: entry for (kind, name), entry in results.items() if kind == "visdoc"}
@@ -376,6 +402,8 @@ def _manifest(results: dict[tuple[str, str], dict[str, Any]], seed: int, size: s
             "train_shards": sum(r["shards"] for r in train.values()),
             "train_by_task": dict(sorted(by_task.items())),
             "train_by_meta_task": dict(sorted(by_meta.items())),
+            "planted_false_negatives": sum(r.get("planted_false_negatives", 0) for r in train.values()),
+            "queries_with_false_negatives": sum(r["queries_with_false_negatives"] for r in train.values()),
             "mmeb_queries_by_meta_task": dict(sorted(eval_meta.items())),
         },
     }
