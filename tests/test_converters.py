@@ -169,4 +169,4 @@ def test_normalize_llava_and_cli(tmp_path, capsys):
     assert cli.main(["convert", "llava", "--json", str(tmp_path / "llava.json")]) == 0
     assert "kept 2 conversations" in capsys.readouterr().out
     assert cli.main(["convert", "llava", "--json", str(tmp_path / "dict.json")]) == 2
-    assert "JSON list of records" in capsys.readouterr().out
+    assert "JSON list of records" in capsys.readouterr().err

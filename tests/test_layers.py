@@ -14,8 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 #: (statistics, tables, plots: room ``report-core``) sit on the ground floor because the tracking package's sweep
 #: summary uses them; the rest of ``report`` reads MLflow through ``tracking``.
 REPORT_CORE = {"report.stats", "report.plots", "report.markdown", "report.sweeps"}
+#: The files an exported folder carries for other libraries (``integrations.export``) import nothing of the kit and
+#: are written by ``Embedder.save_pretrained``; the adapters that wrap an Embedder (sentence-transformers, mteb) sit
+#: above it.
+INTEGRATIONS_CORE = {"integrations.export"}
 FLOORS: list[set[str]] = [
-    {"prompts", "types", "errors", "memory", "pipeline", "rankparts", "report-core"},
+    {"prompts", "types", "errors", "memory", "pipeline", "rankparts", "report-core", "integrations-core", "logs",
+     "matryoshka", "_offline"},
     {"data"},
     {"backbone"},
     {"losses", "embedder"},
@@ -23,7 +28,7 @@ FLOORS: list[set[str]] = [
     {"modules", "mining", "serve"},
     {"judge"},
     {"eval"},
-    {"callbacks", "report"},
+    {"callbacks", "report", "integrations"},
     {"launch"},
 ]
 ROOT_NAMES = {"Embedder": "embedder", "Reranker": "reranker", "Item": "types"}  # mmembed/__init__.py's lazy names
@@ -41,7 +46,9 @@ def _room(module: str) -> str | None:
     parts = module.split(".")[1:]
     if not parts:
         return None
-    return "report-core" if ".".join(parts[:2]) in REPORT_CORE else parts[0]
+    if ".".join(parts[:2]) in REPORT_CORE:
+        return "report-core"
+    return "integrations-core" if ".".join(parts[:2]) in INTEGRATIONS_CORE else parts[0]
 
 
 def _floor(room: str) -> int:

@@ -82,10 +82,10 @@ def check_finite(vectors: Any, where: str, block: int = 65536) -> None:
 def check_model(index: Any, embedder: Any) -> None:
     """Refuse to search ``index`` with query embeddings from another model than the one that built it.
 
-    Compares :func:`mmembed.mining.embedding.model_fingerprint` (a hash of a few values of every parameter) with
+    Compares :func:`mmembed.embedder.model_fingerprint` (a hash of a few values of every parameter) with
     the fingerprint ``index.json`` recorded; an index without one, or an embedder without a torch module, passes.
     """
-    from mmembed.mining.embedding import model_fingerprint
+    from mmembed.embedder import model_fingerprint
 
     made_by, ours = index.info.get("model_fingerprint"), model_fingerprint(embedder)
     if made_by and ours and made_by != ours:

@@ -276,3 +276,16 @@ def recorded_commands(parents: Sequence[Any], runs: Iterable[Any]) -> tuple[list
                 ids.append(run.info.run_id)
     missing = sum(not p.data.tags.get(tracking.COMMAND_TAG) for p in parents)
     return list(found.items()), missing
+
+
+def judge_column_label(runs: dict[int, list[RunRecord]]) -> str:
+    """What judged the runs of Table 8's judge column: "simulated expert judge", "MLLM judge", or both named.
+
+    n = 0 is left out: with no hard negatives nothing is judged (the point is shared by both columns).
+    """
+    from mmembed.judge.simulated import judge_label
+
+    labels = {judge_label(r.params.get("judge.model") or "kit stage-1 model")
+              for n, rs in runs.items() if n > 0 for r in rs}
+    labels.discard(None)
+    return " + ".join(sorted(labels)) if labels else "MLLM judge"

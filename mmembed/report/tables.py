@@ -244,6 +244,8 @@ def table8(store: Store, out: Path | None, img_dir: Path, pinned: Sequence[str] 
         col = "margin" if strategy == "margin" else ("rule" if m.group(2) or strategy == "rule" else "judge")
         for c in (("judge", "rule") if n == 0 else (col,)):
             groups[c].setdefault(n, []).append(r)
+    from mmembed.report.collect import judge_column_label
+
     judge = judge_column_label(groups["judge"])
     cols = [("judge", judge), ("rule", "rule")] + ([("margin", "margin control")] if groups["margin"] else [])
     ns = sorted(set(groups["judge"]) | set(groups["rule"]) | set(paper.TABLE8["judge"]))
@@ -290,19 +292,6 @@ def table8(store: Store, out: Path | None, img_dir: Path, pinned: Sequence[str] 
     plot_panels(path, [str(n) for n in ns], panels, TITLES["8"], xlabel="hard negatives per query (n)")
     section.body += ["", f"![Table 8]({image_ref(path, out)})"]
     return section
-
-
-def judge_column_label(runs: dict[int, list[RunRecord]]) -> str:
-    """What judged the runs of Table 8's judge column: "simulated expert judge", "MLLM judge", or both named.
-
-    n = 0 is left out: with no hard negatives nothing is judged (the point is shared by both columns).
-    """
-    from mmembed.judge.simulated import judge_label
-
-    labels = {judge_label(r.params.get("judge.model") or "kit stage-1 model")
-              for n, rs in runs.items() if n > 0 for r in rs}
-    labels.discard(None)
-    return " + ".join(sorted(labels)) if labels else "MLLM judge"
 
 
 def best_keys(cells: dict[int, dict[str, Cell]], keys: Sequence[int], metric: str) -> list[int]:

@@ -16,71 +16,26 @@ their own random stream, so a rate of 0 leaves the world byte-identical to one g
 
 from __future__ import annotations
 
-import hashlib
 import random
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-
-from PIL import Image
+from dataclasses import dataclass, replace
 
 from mmembed.data.synth import documents as docs
 from mmembed.data.synth import scenes as sc
+from mmembed.data.synth.examples import Cand, Example, Generator, _pair_key, _scene_provides, _sig, _t, _uid
+from mmembed.data.synth.planting import (
+    PARAPHRASES,
+    _doc_vqa_sibling,
+    _grounding_sibling,
+    _i2i_sibling,
+    _i2t_sibling,
+    _it2i_sibling,
+    _page_sibling,
+    _paraphrase,
+    _swap_sibling,
+    _t2i_sibling,
+    plant_false_negatives,
+)
 from mmembed.prompts.embedding import instructions_for
-
-
-@dataclass
-class Cand:
-    """A candidate (positive, negative or distractor): text and/or image, the keys it provides, a content id."""
-
-    text: str | None
-    image: Image.Image | None
-    provides: frozenset
-    uid: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.uid and self.image is None:
-            self.uid = "t" + hashlib.sha1((self.text or "").encode()).hexdigest()[:12]
-
-
-@dataclass
-class Example:
-    """One query with its positive, training negatives, extra eval distractors and metadata."""
-
-    q_text: str | None
-    q_image: Image.Image | None
-    pos: Cand
-    accepts: frozenset
-    negatives: list[Cand] = field(default_factory=list)
-    hard: list[Cand] = field(default_factory=list)
-    meta: dict = field(default_factory=dict)
-    q_uid: str = ""
-    # How to plant a false negative from this example (see plant_false_negatives); never drawn unless planting.
-    variant: Callable[[random.Random], Cand] | None = field(default=None, repr=False, compare=False)
-    sibling: Callable[[random.Random, int], Example] | None = field(default=None, repr=False, compare=False)
-
-    def answered_by(self, cand: Cand) -> bool:
-        return bool(self.accepts & cand.provides)
-
-
-Generator = Callable[[random.Random, int, int], list[Example]]
-
-# Paraphrases of a label or short answer: another text that answers the same query (a false negative for every other
-# query with that label once it is in the corpus). Each template gives one distinct candidate per label.
-PARAPHRASES: dict[str, tuple[str, ...]] = {
-    "shape": ("a {} shape", "the {}"),
-    "background": ("a {} scene", "{} background"),
-    "color": ("the colour {}", "{} coloured"),
-    "texture": ("a {} pattern", "{} texture"),
-    "count": ("there are {}", "{} in total"),
-    "answer": ("it is {}", "the answer is {}"),
-}
-
-
-def _paraphrase(label: str, kind: str) -> Callable[[random.Random], Cand]:
-    def variant(rng: random.Random) -> Cand:
-        return _t(rng.choice(PARAPHRASES[kind]).format(label), label)
-
-    return variant
 
 
 @dataclass(frozen=True)
@@ -107,14 +62,6 @@ class SynthDataset:
     query_kind: str = "natural"
     candidate_kind: str = "natural"
     analog: str = ""
-
-
-def _uid(i: int, tag: str) -> str:
-    return f"{i:06d}{tag}"
-
-
-def _t(text: str, *keys) -> Cand:
-    return Cand(text, None, frozenset(keys or [text]))
 
 
 # ------------------------------------------------------------------------------------------------- classification
@@ -210,17 +157,6 @@ def _gen_vqa_doc(rng: random.Random, n: int, side: int) -> list[Example]:
     return out
 
 
-def _doc_vqa_sibling(company: docs.Company, q: docs.Question, hard: list[Cand]
-                     ) -> Callable[[random.Random, int], Example]:
-    """The same question on a second print of the page; the positive is the answer in other words."""
-    def sibling(rng: random.Random, i: int) -> Example:
-        page = docs.render_page(company, q.page_type, size=rng.choice(REPRINT_SIZES))
-        return Example(q.text, page, _paraphrase(q.answer, "answer")(rng), frozenset([q.answer]), hard=list(hard),
-                       meta={"company": company.name, "page_type": q.page_type, "fact": q.kind}, q_uid=_uid(i, "q"))
-
-    return sibling
-
-
 # ------------------------------------------------------------------------------------------------------ retrieval
 def _twin(rng: random.Random, prev: list[tuple[sc.Scene, sc.Obj]], p: float) -> tuple[str, sc.Obj] | None:
     """Planted false negatives: with probability ``p`` the next scene reuses an earlier (background, look)."""
@@ -242,10 +178,6 @@ def _scene_with(rng: random.Random, n_objects: tuple[int, int], twin: tuple[str,
     return sc.Scene(bg, tuple(objs), scene.tint)
 
 
-def _scene_provides(scene: sc.Scene) -> frozenset:
-    return frozenset({("s", *k) for k in scene.short_keys()} | {("l", scene.signature)})
-
-
 def _gen_t2i(rng: random.Random, n: int, side: int) -> list[Example]:
     out, prev = [], []
     for i in range(n):
@@ -262,24 +194,6 @@ def _gen_t2i(rng: random.Random, n: int, side: int) -> list[Example]:
     return out
 
 
-def _caption(scene: sc.Scene, rng: random.Random) -> tuple[str, tuple]:
-    """A random caption of ``scene`` and the key it provides (short caption of one object, or the long one)."""
-    if rng.random() < 0.5:
-        obj = rng.choice(scene.objects)
-        return sc.short_caption(scene, obj), ("s", scene.background, *obj.look)
-    return sc.long_caption(scene), ("l", scene.signature)
-
-
-def _t2i_sibling(scene: sc.Scene, side: int) -> Callable[[random.Random, int], Example]:
-    """Another caption of the same scene, whose positive is another rendering of it (a second photo)."""
-    def sibling(rng: random.Random, i: int) -> Example:
-        text, key = _caption(scene, rng)
-        pos = Cand(None, sc.render(sc.rejitter(scene, rng), side), _scene_provides(scene), _uid(i, "p"))
-        return Example(text, None, pos, frozenset([key]), meta=scene.to_meta(), q_uid=_uid(i, "q"))
-
-    return sibling
-
-
 def _gen_i2t(rng: random.Random, n: int, side: int) -> list[Example]:
     out, prev = [], []
     for i in range(n):
@@ -293,23 +207,6 @@ def _gen_i2t(rng: random.Random, n: int, side: int) -> list[Example]:
         out.append(Example(None, sc.render(scene, side), pos, _scene_provides(scene), meta=scene.to_meta(),
                            q_uid=_uid(i, "q"), sibling=_i2t_sibling(scene, pos.text or "", side)))
     return out
-
-
-def _i2t_sibling(scene: sc.Scene, taken: str, side: int) -> Callable[[random.Random, int], Example]:
-    """Another rendering of the same scene, whose positive is a second caption of it."""
-    def sibling(rng: random.Random, i: int) -> Example:
-        for _ in range(8):  # another text than the original positive (the same text would be the same candidate)
-            text, key = _caption(scene, rng)
-            if text != taken:
-                break
-        image = sc.render(sc.rejitter(scene, rng), side)
-        return Example(None, image, _t(text, key), _scene_provides(scene), meta=scene.to_meta(), q_uid=_uid(i, "q"))
-
-    return sibling
-
-
-def _sig(scene: sc.Scene) -> frozenset:
-    return frozenset([("sig", scene.signature)])
 
 
 def _gen_it2i(rng: random.Random, n: int, side: int) -> list[Example]:
@@ -332,16 +229,6 @@ def _gen_it2i(rng: random.Random, n: int, side: int) -> list[Example]:
     return out
 
 
-def _it2i_sibling(ex: Example, ref: sc.Scene, target: sc.Scene, side: int) -> Callable[[random.Random, int], Example]:
-    """The same edit asked of another rendering of the reference; the positive is another rendering of the target."""
-    def sibling(rng: random.Random, i: int) -> Example:
-        pos = Cand(None, sc.render(sc.rejitter(target, rng), side), _sig(target), _uid(i, "p"))
-        return Example(ex.q_text, sc.render(sc.rejitter(ref, rng), side), pos, ex.accepts,
-                       negatives=list(ex.negatives), hard=list(ex.hard), meta=dict(ex.meta), q_uid=_uid(i, "q"))
-
-    return sibling
-
-
 def _gen_i2i(rng: random.Random, n: int, side: int) -> list[Example]:
     out = []
     for i in range(n):
@@ -352,20 +239,6 @@ def _gen_i2i(rng: random.Random, n: int, side: int) -> list[Example]:
         out.append(Example(None, sc.render(scene, side), pos, _sig(scene), negatives=[neg], hard=[neg],
                            meta=scene.to_meta(), q_uid=_uid(i, "q"), sibling=_i2i_sibling(scene, neg, side)))
     return out
-
-
-def _i2i_sibling(scene: sc.Scene, neg: Cand, side: int) -> Callable[[random.Random, int], Example]:
-    """Two more renderings of the same scene: query and positive."""
-    def sibling(rng: random.Random, i: int) -> Example:
-        pos = Cand(None, sc.render(sc.rejitter(scene, rng, 1.5), side), _sig(scene), _uid(i, "p"))
-        return Example(None, sc.render(sc.rejitter(scene, rng), side), pos, _sig(scene), negatives=[neg],
-                       hard=[neg], meta=scene.to_meta(), q_uid=_uid(i, "q"))
-
-    return sibling
-
-
-def _pair_key(a: sc.Obj, b: sc.Obj) -> tuple:
-    return ((a.color, a.shape, a.position), (b.color, b.shape, b.position))
 
 
 def _gen_swap(rng: random.Random, n: int, side: int) -> list[Example]:
@@ -388,19 +261,6 @@ def _gen_swap(rng: random.Random, n: int, side: int) -> list[Example]:
         out.append(Example(None, sc.render(scene, side), pos, accepts, negatives=negs, hard=list(negs),
                            meta=scene.to_meta(), q_uid=_uid(i, "q"), sibling=_swap_sibling(scene, oa, ob, negs, side)))
     return out
-
-
-def _swap_sibling(scene: sc.Scene, oa: sc.Obj, ob: sc.Obj, negs: list[Cand], side: int
-                  ) -> Callable[[random.Random, int], Example]:
-    """Another rendering of the scene; the positive names the same pair in the other order (same meaning)."""
-    def sibling(rng: random.Random, i: int) -> Example:
-        first, second = sc.pair_caption(oa, ob).split(" and ", 1)
-        pos = _t(f"{second} and {first}", ("p", _pair_key(oa, ob)))
-        accepts = frozenset(("p", k) for k in scene.pair_keys())
-        return Example(None, sc.render(sc.rejitter(scene, rng), side), pos, accepts, negatives=list(negs),
-                       hard=list(negs), meta=scene.to_meta(), q_uid=_uid(i, "q"))
-
-    return sibling
 
 
 POSTER_NAMES = ("Aurora", "Beacon", "Cascade", "Drift", "Ember", "Fable", "Glimmer", "Harbor", "Ivy", "Juniper")
@@ -443,21 +303,6 @@ def _gen_grounding(point: bool) -> Generator:
     return gen
 
 
-def _grounding_sibling(scene: sc.Scene, k: int, text: str, provides: frozenset, side: int
-                       ) -> Callable[[random.Random, int], Example]:
-    """The same question on another rendering of the scene; the positive is the object's crop from that rendering."""
-    def sibling(rng: random.Random, i: int) -> Example:
-        jittered = sc.rejitter(scene, rng)
-        image = sc.render(jittered, side)
-        crops = [Cand(None, sc.crop_object(image, o), frozenset([("crop", scene.background, o.size, *o.look)]),
-                      _uid(i, f"c{j}")) for j, o in enumerate(jittered.objects)]
-        others = [c for j, c in enumerate(crops) if j != k]
-        return Example(text, image, crops[k], provides, negatives=[rng.choice(others)], hard=others,
-                       meta={**scene.to_meta(), "target": k}, q_uid=_uid(i, "q"))
-
-    return sibling
-
-
 # ---------------------------------------------------------------------------------------------- visual documents
 def _gen_t2vd(rng: random.Random, n: int, side: int) -> list[Example]:
     """Text -> document page; about one question per page, so a few pages answer two samples' questions."""
@@ -475,65 +320,6 @@ def _gen_t2vd(rng: random.Random, n: int, side: int) -> list[Example]:
                            meta={"company": company.name, "page_type": q.page_type, "answer": q.answer},
                            q_uid=_uid(i, "q"), sibling=_page_sibling(company, q.page_type)))
     return out
-
-
-# Sizes of a second print of a page (another scan of the same document): same facts, other pixels and tiling.
-REPRINT_SIZES = ((608, 784), (736, 944))
-
-
-def _page_sibling(company: docs.Company, page_type: str) -> Callable[[random.Random, int], Example]:
-    """Another question on the same page; the positive is a second print of that page."""
-    def sibling(rng: random.Random, i: int) -> Example:
-        q = rng.choice([x for x in docs.questions(company) if x.page_type == page_type])
-        size = rng.choice(REPRINT_SIZES)
-        key = ("page", company.name, page_type)
-        pos = Cand(None, docs.render_page(company, page_type, size=size), frozenset([key]),
-                   f"page_{company.name}_{page_type}_{size[0]}")
-        return Example(q.text, None, pos, frozenset([key]),
-                       meta={"company": company.name, "page_type": page_type, "answer": q.answer},
-                       q_uid=_uid(i, "q"))
-
-    return sibling
-
-
-# ------------------------------------------------------------------------------------------- planted false negatives
-def plant_false_negatives(examples: list[Example], rng: random.Random, rate: float) -> tuple[list[Example], int]:
-    """Give a share ``rate`` of the examples a candidate that is also a valid positive of other queries.
-
-    A paraphrased label or answer replaces the positive of an example that has a ``variant`` (it then answers every
-    query with that label); an example that has a ``sibling`` is replaced by a new example about the same thing as
-    an earlier one (another rendering, caption, crop or print), so each of the two positives answers both queries.
-    ``rng`` is the planting's own stream, so the examples' content is unchanged where nothing is planted.
-
-    Args:
-        examples: A dataset's training examples, in order (not modified).
-        rng: The planting's random stream.
-        rate: Probability, per example, of planting.
-
-    Returns:
-        The new list of examples and how many were planted.
-    """
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"false_negative_rate must be in [0, 1], got {rate}")
-    out, planted = list(examples), 0
-    if rate == 0.0:
-        return out, 0
-    for i, ex in enumerate(examples):
-        if rng.random() >= rate:
-            continue
-        if ex.variant is not None:
-            out[i] = replace(ex, pos=ex.variant(rng), meta={**ex.meta, "planted": "paraphrase"})
-            planted += 1
-        elif i > 0:
-            j = rng.randrange(max(0, i - 50), i)  # a recent example, like _twin: near in the shard order
-            if out[j].sibling is None:
-                continue
-            new = out[j].sibling(rng, i)
-            new.meta = {**new.meta, "planted": "sibling", "planted_from": out[j].q_uid}
-            new.sibling = out[j].sibling  # a later example may plant from this one too
-            out[i] = new
-            planted += 1
-    return out, planted
 
 
 def _paper(dataset: str) -> tuple[str, str]:
@@ -581,3 +367,6 @@ DATASETS: tuple[SynthDataset, ...] = (
 )
 
 BY_NAME = {d.name: d for d in DATASETS}
+
+__all__ = ["BY_NAME", "DATASETS", "PARAPHRASES", "Cand", "Example", "Generator", "SynthDataset",
+           "plant_false_negatives"]
