@@ -528,3 +528,32 @@ def test_table8_names_the_simulated_judge_and_keeps_the_margin_control_apart(tmp
     assert claims[("(b) simulated expert judge beats rule at n=4", "MMEB")].a.mean == 56.5  # not mixed with margin
     assert claims[("(d) simulated expert judge beats the margin control at n=4", "Avg.")].b.mean == pytest.approx(
         (53.5 + 61.5) / 2)
+
+
+def test_table9_puts_in_tower_runs_beside_vtc_on_the_same_seeds(tmp_path):
+    """+exp=ablation_vtc2_tower runs (backbone.in_tower_layer set) are rows of their own, compared with s=2."""
+    root = tmp_path / "logs"
+    uri = fresh_sqlite_uri(root)
+    t9 = tracking.start_sweep("mmembed", tmp_path / "multirun" / "t9",
+                              {"+exp": ["ablation_vtc1", "ablation_vtc2", "ablation_vtc2_tower"]}, num_jobs=6,
+                              tracking_uri=uri, output_dir=root)
+    points = [("ablation_vtc1", 1, None, 200.0, 40.0), ("ablation_vtc2", 2, None, 100.0, 40.0),
+              ("ablation_vtc2_tower", 2, 1, 60.0, 39.0)]
+    job = 0
+    for exp, s, k, fit_s, mmeb in points:
+        for seed in (0, 1):
+            _job(uri, root, t9, job, exp, seed, {MMEB: mmeb + seed, VISDOC: 50.0 + seed, "time/fit_s": fit_s + seed,
+                                                 "peak_memory/fit_gib": 2.0},
+                 {"backbone": {"vtc_factor": s, "in_tower_layer": k}}, s)
+            job += 1
+    tracking.update_sweep_parent(t9, "backbone.vtc_factor", tracking_uri=uri, final=True)
+    section = tables.table9(collect.Store(uri, "mmembed"), tmp_path / "r.md", tmp_path / "img")
+    md = "\n".join(section.body)
+    # s=2 keeps its own numbers (the tower runs are not averaged into it); the tower row is extra
+    assert "| InternVL3-VTC, s=2 | 100.5 ± 0.7 (n=2) |" in md
+    assert "VTC s=2 + in-tower pooling after vision block 1 (not in the paper) | 60.5 ± 0.7 (n=2) |" in md
+    claims = {(c.claim, c.metric): c for c in section.claims}
+    assert claims[("in-tower k=1 trains faster than s=2", "training time (s)")].verdict == stats.BEYOND
+    quality = claims[("in-tower k=1 about as good as s=2", "MMEB")]
+    assert quality.diff == pytest.approx(-1.0) and quality.paired.n == 2
+    assert (tmp_path / "img" / "repro_table9.png").stat().st_size > 5000

@@ -23,7 +23,7 @@ from mmembed import tracking
 
 SWEEP_TABLES: dict[str, re.Pattern[str]] = {
     "8": re.compile(r"ablation_hn(\d+)(_rule)?"),
-    "9": re.compile(r"ablation_vtc(\d+)"),
+    "9": re.compile(r"ablation_vtc(\d+)(_tower)?"),
     "10": re.compile(r"ablation_lora_r(\d+)"),
 }
 PIPELINE_SUMMARY = "pipeline_summary/summary.csv"

@@ -14,7 +14,7 @@ from mmembed.report.bootstrap import QueryBootstrap
 from mmembed.report.collect import SWEEP_TABLES, RunRecord, Store, commits, latest_per_seed, params_of, record
 from mmembed.report.markdown import markdown_table
 from mmembed.report.plots import Panel, Series, plot_panels
-from mmembed.report.stats import Cell, Comparison, combine, ratio
+from mmembed.report.stats import Cell, Comparison, combine
 from mmembed.tracking.store import STAGE_REUSED_TAG
 
 MMEB, VISDOC = "val/mmeb/overall", "val/visdoc/overall"
@@ -329,61 +329,10 @@ def _peak_lines(cells: dict[int, dict[str, Cell]], ns: Sequence[int]) -> list[st
 
 
 def table9(store: Store, out: Path | None, img_dir: Path, pinned: Sequence[str] | None = None) -> Section:
-    """Table 9: compression factor 1 (vanilla) vs 2: training time, peak memory, MMEB / VisDoc."""
-    import pandas as pd
+    """Table 9 (``mmembed.report.table9``: s = 1 vs 2, and VTC + in-tower compression beside them)."""
+    from mmembed.report.table9 import table9 as build
 
-    section, records = _sweep_section(store, "9", pinned)
-    if not section.ran:
-        return section
-    groups = _number_key(records, "9", "backbone.vtc_factor")
-    factors = sorted(set(groups) | {1, 2})
-    c = {s: {**metric_cells(groups.get(s, [])), "time": cell(groups.get(s, []), lambda r: r.metric(FIT_S)),
-             "mem": cell(groups.get(s, []), lambda r: r.metric(PEAK_GIB))} for s in factors}
-    label = {1: "InternVL3 (vanilla), s=1", 2: "InternVL3-VTC, s=2"}
-    rows = []
-    for s in factors:
-        p = paper.TABLE9.get(s, {})
-        batch = ", ".join(params_of(groups.get(s, []), "data.batch_size")) or "—"
-        rows.append({"backbone": label.get(s, f"s={s} (not in the paper)"),
-                     "training time (ours, s)": c[s]["time"].fmt(1),
-                     "training time (paper)": fmt_seconds(p["train_s"]) if p else "—",
-                     "peak memory above start, GiB (ours)": c[s]["mem"].fmt(2),
-                     "MMEB (ours)": c[s]["mmeb"].fmt(), "MMEB (paper)": fmt_paper(p.get("mmeb")),
-                     "VisDoc (ours)": c[s]["visdoc"].fmt(), "VisDoc (paper)": fmt_paper(p.get("visdoc")),
-                     "batch size (ours)": batch, "global batch (paper)": fmt_paper(p.get("global_batch"), 0)})
-    section.body += [markdown_table(pd.DataFrame(rows))]
-    t_ratio, m_ratio = ratio(c[1]["time"], c[2]["time"]), ratio(c[1]["mem"], c[2]["mem"])
-    p_ratio = paper.TABLE9[1]["train_s"] / paper.TABLE9[2]["train_s"]
-    section.body += [(
-        f"Ratios s=1 / s=2: training time **{t_ratio:.2f}×** (paper {p_ratio:.2f}×), peak memory "
-        f"**{m_ratio:.2f}×** (the paper gives no memory figure; it trains each model at the largest batch its memory "
-        "allows, and prints 6144 for vanilla and 3456 for VTC, the opposite of what its text implies). "
-        + ("No run logged `peak_memory/fit_gib`." if not (c[1]["mem"].n or c[2]["mem"].n) else "")).rstrip(), ""]
-    section.body += failed_lines(records) + [""]
-    section.claims = [
-        Comparison("s=2 trains faster than s=1", "training time (s)", c[2]["time"], c[1]["time"], lower_is_better=True),
-        Comparison("s=2 uses less memory than s=1", "peak memory (GiB)", c[2]["mem"], c[1]["mem"],
-                   lower_is_better=True),
-        Comparison("s=2 about as good as s=1", "MMEB", c[2]["mmeb"], c[1]["mmeb"], not_worse=True),
-        Comparison("s=2 about as good as s=1", "VisDoc", c[2]["visdoc"], c[1]["visdoc"], not_worse=True),
-    ]
-    section.body += claims_lines(section, store, ["", "For the quality rows the claim is \"about as good\": a tie "
-                                                  "counts as the right sign, and only *contradicted beyond noise* "
-                                                  "refutes it (within noise either way is consistent with it)."])
-    path = img_dir / "repro_table9.png"
-    cats = [f"s={s}" for s in factors]
-    panels = [Panel("MMEB", [Series("s", [c[s]["mmeb"] for s in factors]),
-                             Series("s", paper=[paper.TABLE9.get(s, {}).get("mmeb") for s in factors])]),
-              Panel("VisDoc", [Series("s", [c[s]["visdoc"] for s in factors]),
-                               Series("s", paper=[paper.TABLE9.get(s, {}).get("visdoc") for s in factors])]),
-              Panel("training time", [Series("s", [c[s]["time"] for s in factors]),
-                                      Series("s", paper=[(paper.TABLE9[s]["train_s"] / 3600 if s in paper.TABLE9
-                                                          else None) for s in factors])], ylabel="seconds",
-                    paper_ylabel="hours"),
-              Panel("peak memory", [Series("s", [c[s]["mem"] for s in factors])], ylabel="GiB above the fit's start")]
-    plot_panels(path, cats, panels, TITLES["9"], xlabel="compression factor")
-    section.body += ["", f"![Table 9]({image_ref(path, out)})"]
-    return section
+    return build(store, out, img_dir, pinned)
 
 
 def table10(store: Store, out: Path | None, img_dir: Path, pinned: Sequence[str] | None = None) -> Section:
