@@ -113,6 +113,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         (gathered * w).sum().backward()
         results["gather_rows"] = {"values": gathered.detach(), "sizes": sizes, "grad": x.grad, "rank": rank}
         torch.save(results, Path(out_dir) / f"ddp{rank}.pt")
+        # Both ranks finish their collectives before either tears the group down: a rank that leaves first closes
+        # its gloo connections under the other's background threads, which then abort ("terminate called without an
+        # active exception", SIGABRT) -- seen about once in eight runs on the 2-core machines.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -39,6 +39,7 @@ def _worker(rank: int, world: int, store: str, mmeb_root: Path, visdoc_folder: P
     try:
         enc = ShardedEncoder(Embedder.from_pretrained("tiny", vtc_factor=2, device="cpu"))
         torch.save(_evaluate(enc, mmeb_root, visdoc_folder), out / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears the gloo group down under another (see tests/test_ddp_loss.py)
     finally:
         dist.destroy_process_group()
 

@@ -223,6 +223,10 @@ def _rank_main(rank: int, args: argparse.Namespace, init_file: str) -> None:
         try:
             encoder = ShardedEncoder(embedder_from_args(args, device=device))
             _evaluate_on(args, encoder, args.out if rank == 0 else None, quiet=rank != 0)
+            # Every rank done before any tears the group down: a gloo rank whose peer closed its connections first
+            # can abort (SIGABRT, "terminate called without an active exception"). Only on success: after an error
+            # the other ranks may never reach the barrier.
+            dist.barrier()
         finally:
             dist.destroy_process_group()
     except USER_ERRORS as exn:
