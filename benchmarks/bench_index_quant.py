@@ -107,15 +107,10 @@ def _recall(got: np.ndarray, ref: np.ndarray) -> float:
 
 
 def vectors_part(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from benchmarks.bench_index_recall import clustered
+    from benchmarks.bench_index_recall import clustered_corpus
     from mmembed.matryoshka import truncate_embeddings
 
-    rng = np.random.default_rng(args.seed)
-    centres = rng.normal(size=(args.clusters, args.dim))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    corpus = clustered(rng, args.n, centres, args.spread)
-    queries = clustered(rng, args.queries, centres, args.spread)
-    ids = [str(i) for i in range(args.n)]
+    corpus, queries, ids = clustered_corpus(args)
     print(f"\n== clustered vectors: {args.n} x {args.dim}, {args.clusters} clusters, {args.queries} queries, "
           f"k={args.k}, faiss threads {args.threads}")
     ref_full, _ = _timed_search(_index(corpus, ids, args.dim, "float32", 0), queries, args.k)

@@ -43,6 +43,17 @@ def clustered(rng: np.random.Generator, n: int, centres: np.ndarray, spread: flo
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+def clustered_corpus(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``(corpus, queries, ids)``: ``args.n`` corpus and ``args.queries`` query vectors drawn around ``args.clusters``
+    random unit centres of dimension ``args.dim`` (seed ``args.seed``), the vectors both index benchmarks search."""
+    rng = np.random.default_rng(args.seed)
+    centres = rng.normal(size=(args.clusters, args.dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    corpus = clustered(rng, args.n, centres, args.spread)
+    queries = clustered(rng, args.queries, centres, args.spread)
+    return corpus, queries, [str(i) for i in range(args.n)]
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Build exact, IVF and HNSW indexes on the same vectors and print recall@k and timings."""
     from mmembed.index import Index
@@ -50,12 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     args = parse_args(argv)
     import_faiss().omp_set_num_threads(args.threads)
-    rng = np.random.default_rng(args.seed)
-    centres = rng.normal(size=(args.clusters, args.dim))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    corpus = clustered(rng, args.n, centres, args.spread)
-    queries = clustered(rng, args.queries, centres, args.spread)
-    ids = [str(i) for i in range(args.n)]
+    corpus, queries, ids = clustered_corpus(args)
     print(f"corpus {args.n} x {args.dim} (synthetic, {args.clusters} clusters), {args.queries} queries, "
           f"faiss threads {args.threads}")
 

@@ -101,8 +101,8 @@ def result_table(result: BenchmarkResult) -> Table:
     for split, value in splits.items():
         table.add_row(f"[b]{split.upper()}[/b]", "", "", "", "", f"{value:.1f}")
     table.add_row("[b]overall[/b]", "", "", "", "", f"[b]{result.overall:.1f} ± {result.overall_stderr:.1f}[/b]")
-    n = sum(s.num_queries for s in result.sets.values())
-    table.caption = f"± = standard error over the {n} queries (binomial for P@1, SD/sqrt(n) for NDCG)"
+    table.caption = (f"± = standard error over the {result.num_queries} queries (binomial for P@1, SD/sqrt(n) "
+                     "for NDCG)")
     return table
 
 

@@ -149,10 +149,14 @@ class BenchmarkResult:
             return float("nan")
         return math.sqrt(math.fsum(e * e for e in errs)) / len(errs)
 
+    @property
+    def num_queries(self) -> int:
+        """Queries scored over all sets."""
+        return sum(s.num_queries for s in self.sets.values())
+
     def overall_line(self) -> str:
-        """``overall 19.82 ± 0.52 (SE, 1024 queries)``: the headline number with its standard error."""
-        n = sum(s.num_queries for s in self.sets.values())
-        return f"overall {self.overall:.2f} ± {self.overall_stderr:.2f} (SE over {n} queries)"
+        """``overall 19.82 ± 0.52 (SE over 1024 queries)``: the headline number with its standard error."""
+        return f"overall {self.overall:.2f} ± {self.overall_stderr:.2f} (SE over {self.num_queries} queries)"
 
     @property
     def metrics_file(self) -> Path | None:

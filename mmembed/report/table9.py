@@ -52,11 +52,14 @@ def table9(store: Store, out: Path | None, img_dir: Path, pinned: Sequence[str] 
     section, records = _sweep_section(store, "9", pinned)
     if not section.ran:
         return section
-    plain = [r for r in records if _tower_layer(r) is None]
+    plain: list[RunRecord] = []
     towers: dict[int, list[RunRecord]] = {}
     for r in records:
-        if _tower_layer(r) is not None:
-            towers.setdefault(_tower_layer(r), []).append(r)  # type: ignore[arg-type]
+        k = _tower_layer(r)
+        if k is None:
+            plain.append(r)
+        else:
+            towers.setdefault(k, []).append(r)
     groups = _number_key(plain, "9", "backbone.vtc_factor")
     factors = sorted(set(groups) | {1, 2})
     c = {s: _cells(groups.get(s, [])) for s in factors}

@@ -256,9 +256,9 @@ def table8(store: Store, out: Path | None, img_dir: Path, pinned: Sequence[str] 
         for col, label in cols:
             for m in ("mmeb", "visdoc", "avg"):
                 row[f"{label} {NAMES[m]} (ours)"] = cells[col][n][m].fmt()
-                if col != "margin":  # the paper has no margin control
-                    row[f"{label} {NAMES[m]} (paper: MLLM)" if col == "judge" else f"{label} {NAMES[m]} (paper)"] = \
-                        fmt_paper(paper.TABLE8[col].get(n, {}).get(m))
+                if col != "margin":  # the paper has no margin control; its judge column is an MLLM
+                    theirs = "paper: MLLM" if col == "judge" else "paper"
+                    row[f"{label} {NAMES[m]} ({theirs})"] = fmt_paper(paper.TABLE8[col].get(n, {}).get(m))
         rows.append(row)
     if judge != "MLLM judge":
         section.body += [f"The judge column of our runs is the **{judge}**; the paper's is an expert MLLM (Qwen3-VL). "

@@ -69,3 +69,12 @@ def _sig(scene: sc.Scene) -> frozenset:
 def _pair_key(a: sc.Obj, b: sc.Obj) -> tuple:
     return ((a.color, a.shape, a.position), (b.color, b.shape, b.position))
 
+
+def crop_candidates(scene: sc.Scene, image: Image.Image, i: int) -> list[Cand]:
+    """Each object's crop from ``image`` (a rendering of ``scene``), the grounding candidates of example ``i``.
+
+    A crop shows the object and a rim of background: crops agreeing on the background, size and look answer the
+    same query.
+    """
+    return [Cand(None, sc.crop_object(image, o), frozenset([("crop", scene.background, o.size, *o.look)]),
+                 _uid(i, f"c{j}")) for j, o in enumerate(scene.objects)]

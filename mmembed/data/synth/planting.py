@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from mmembed.data.synth import documents as docs
 from mmembed.data.synth import scenes as sc
-from mmembed.data.synth.examples import Cand, Example, _pair_key, _scene_provides, _sig, _t, _uid
+from mmembed.data.synth.examples import Cand, Example, _pair_key, _scene_provides, _sig, _t, _uid, crop_candidates
 
 # Paraphrases of a label or short answer: another text that answers the same query (a false negative for every other
 # query with that label once it is in the corpus). Each template gives one distinct candidate per label.
@@ -107,8 +107,7 @@ def _grounding_sibling(scene: sc.Scene, k: int, text: str, provides: frozenset, 
     def sibling(rng: random.Random, i: int) -> Example:
         jittered = sc.rejitter(scene, rng)
         image = sc.render(jittered, side)
-        crops = [Cand(None, sc.crop_object(image, o), frozenset([("crop", scene.background, o.size, *o.look)]),
-                      _uid(i, f"c{j}")) for j, o in enumerate(jittered.objects)]
+        crops = crop_candidates(jittered, image, i)
         others = [c for j, c in enumerate(crops) if j != k]
         return Example(text, image, crops[k], provides, negatives=[rng.choice(others)], hard=others,
                        meta={**scene.to_meta(), "target": k}, q_uid=_uid(i, "q"))

@@ -21,7 +21,17 @@ from dataclasses import dataclass, replace
 
 from mmembed.data.synth import documents as docs
 from mmembed.data.synth import scenes as sc
-from mmembed.data.synth.examples import Cand, Example, Generator, _pair_key, _scene_provides, _sig, _t, _uid
+from mmembed.data.synth.examples import (
+    Cand,
+    Example,
+    Generator,
+    _pair_key,
+    _scene_provides,
+    _sig,
+    _t,
+    _uid,
+    crop_candidates,
+)
 from mmembed.data.synth.planting import (
     PARAPHRASES,
     _doc_vqa_sibling,
@@ -291,9 +301,7 @@ def _gen_grounding(point: bool) -> Generator:
             target = scene.objects[k]
             text = (f"Which object is {sc.POSITION_PHRASES[target.position]}?" if point
                     else sc.referring_phrase(scene, target))
-            # a crop shows the object and a rim of background: crops agreeing on all of these look the same
-            crops = [Cand(None, sc.crop_object(image, o), frozenset([("crop", scene.background, o.size, *o.look)]),
-                          _uid(i, f"c{j}")) for j, o in enumerate(scene.objects)]
+            crops = crop_candidates(scene, image, i)
             others = [c for j, c in enumerate(crops) if j != k]
             out.append(Example(text, image, crops[k], crops[k].provides, negatives=[rng.choice(others)],
                                hard=others, meta={**scene.to_meta(), "target": k}, q_uid=_uid(i, "q"),

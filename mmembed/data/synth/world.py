@@ -115,9 +115,11 @@ def _side(c: Cand, member: str, instruction: str, kind: str, dataset: str) -> Si
                 id=f"{dataset}/{c.uid}")
 
 
-def to_samples(ds: SynthDataset, examples: list[Example]) -> Iterator[tuple[Sample, dict[str, Image.Image]]]:
-    """Schema samples (with their images) for a dataset's examples, false negatives in ``meta``."""
-    fns = false_negative_ids(examples, ds.name)
+def to_samples(ds: SynthDataset, examples: list[Example], fns: list[list[str]] | None = None
+               ) -> Iterator[tuple[Sample, dict[str, Image.Image]]]:
+    """Schema samples (with their images) for a dataset's examples, false negatives in ``meta`` (``fns``: their
+    :func:`false_negative_ids` when already computed)."""
+    fns = false_negative_ids(examples, ds.name) if fns is None else fns
     for i, ex in enumerate(examples):
         images: dict[str, Image.Image] = {}
         query = Side(text=ex.q_text, image="query.png" if ex.q_image is not None else None,
@@ -145,8 +147,8 @@ def write_train(name: str, out: Path, seed: int, cfg: SizeConfig, false_negative
     examples = ds.generate(_rng(seed, "train", name), cfg.train_per_dataset, cfg.image_side)
     examples, planted = plant_false_negatives(examples, _rng(seed, "false-negatives", name), false_negative_rate)
     pattern = str(out / "train" / f"{name}-%06d.tar")
-    paths = write_shards(to_samples(ds, examples), pattern, maxcount=cfg.maxcount, png_compress_level=PNG_LEVEL)
     fns = false_negative_ids(examples, name)
+    paths = write_shards(to_samples(ds, examples, fns), pattern, maxcount=cfg.maxcount, png_compress_level=PNG_LEVEL)
     return {
         "samples": len(examples),
         "shards": len(paths),
