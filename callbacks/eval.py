@@ -38,6 +38,7 @@ all ranks). ``shard=False``: rank 0 evaluates alone while the others wait in tha
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,7 @@ class BenchmarkEvalCallback(L.Callback):
         self.run_depth = run_depth
         self.reranker = reranker
         self.rerank_k = rerank_k
+        self.seconds = 0.0  # wall time spent evaluating (tasks.fit subtracts it: time/train_s)
         self.prefix = prefix or f"val/{self.benchmark}"
         self.er_prefix = er_prefix or f"val/{self.benchmark}_er"
         self.log_artifacts = log_artifacts
@@ -213,6 +215,7 @@ class BenchmarkEvalCallback(L.Callback):
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, when: str) -> dict[str, float]:
         """Evaluate now (rank 0, or all ranks sharing the embedding under DDP), share the numbers with every rank,
         log them; returns the logged values."""
+        t0 = time.perf_counter()
         step, epoch = trainer.global_step, trainer.current_epoch
         self._last_step = step
         values: dict[str, float] | None = None
@@ -245,6 +248,7 @@ class BenchmarkEvalCallback(L.Callback):
         values = trainer.strategy.broadcast(values, src=0)  # the other ranks wait here for rank 0
         self.publish(trainer, values, step)
         self.history.append({"when": when, "step": step, "epoch": epoch, "metrics": values})
+        self.seconds += time.perf_counter() - t0
         return values
 
     @staticmethod

@@ -190,11 +190,36 @@ def test_paper_stages_are_one_explicit_table_without_import_side_effects():
 
     assert REGISTRY == before  # importing the table registers nothing
     assert tuple(STAGES) == PAPER_STAGES
-    assert STAGES["hnm"].requires == ("warmup", "mine") and STAGES["reranker"].requires == ("stage1",)
+    assert STAGES["hnm"].requires == ("warmup", "mine") and "stage1" in STAGES["reranker"].uses
     assert STAGES["stage3"].requires == ("hnm", "judge") and STAGES["judge"].uses == ("stage1",)
     # every dependency is a stage of the table, named before its consumer
     for i, d in enumerate(STAGES.values()):
         assert set(d.requires) | set(d.uses) <= set(PAPER_STAGES[:i]), d.name
+
+
+@pytest.mark.parametrize("init", ["stage1", "hnm", "stage3"])
+def test_reranker_starts_from_the_model_pipeline_reranker_init_names(tmp_path, monkeypatch, init):
+    from omegaconf import OmegaConf
+
+    from mmembed.launch import stages
+    from mmembed.pipeline import Pipeline, StageResult, StageStore
+
+    seen = {}
+    monkeypatch.setattr(stages, "train_stage", lambda pipe, name, inputs, set_keys, **kw: seen.update(
+        name=name, inputs=inputs, set_keys=set_keys, **kw) or "built")
+    cfg = OmegaConf.create({"pipeline": {"reranker_init": init}})
+    pipe = Pipeline(StageStore(tmp_path), stages.Settings(cfg=cfg, overrides=[]), stages=stages.STAGES)
+    deps = {n: StageResult(n, "k", tmp_path / n, {"model": "embedder", "shards": "shards"})
+            for n in ("stage1", "warmup", "mine", "hnm", "judge", "stage3")}
+    assert stages.reranker(pipe, deps) == "built"
+    assert seen["set_keys"] == {"init_from": tmp_path / init / "embedder"}
+    assert seen["train_shards"] == str(tmp_path / "judge" / "shards" / "*.tar")  # judge-curated data either way
+    # the chosen start did not run (stage 1 disabled): skipped with the reason, not silently another model
+    del deps[init]
+    assert stages.reranker(pipe, deps) is None and "pipeline.reranker_init" in pipe.notes["reranker"]
+    cfg.pipeline.reranker_init = "judge"
+    with pytest.raises(ValueError, match="reranker_init='judge'"):
+        stages.reranker(pipe, deps)
 
 
 # ---------------------------------------------------------------------------------------------------- chain

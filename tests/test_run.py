@@ -42,6 +42,8 @@ def test_train_run_logs_to_mlflow_and_saves_embedder(tmp_path):
     assert run.data.params["backbone.finetune.lora_r"] == "16"
     assert run.data.params["exp_name"] == "stage2_warmup"
     assert "train/loss" in run.data.metrics
+    m = run.data.metrics  # no eval callbacks: the fit is all training
+    assert m["time/eval_s"] == 0 and m["time/train_s"] == pytest.approx(m["time/fit_s"]) and m["time/fit_s"] > 0
     assert run.data.tags.get("mmembed.experiment") == "stage2_warmup"
 
     from mmembed import Embedder, Item

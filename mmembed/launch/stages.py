@@ -245,13 +245,25 @@ def stage3(pipe: Pipeline, deps: Mapping[str, StageResult]) -> StageResult | Non
                        train_shards=str(shards / "*.tar"))
 
 
+RERANKER_INITS = ("stage1", "warmup", "hnm", "stage3")
+
+
 def reranker(pipe: Pipeline, deps: Mapping[str, StageResult]) -> StageResult | None:
-    """The reranker from the stage-1 model (paper §3.4), on judge-curated shards (mined ones as the fallback)."""
+    """The reranker on judge-curated shards (mined ones as the fallback), initialised from ``pipeline.reranker_init``:
+    the stage-1 model (paper §3.4, the default) or one of the pipeline's embedders (``warmup`` / ``hnm`` /
+    ``stage3``; the miniature's choice, where the random-init stage-1 model leaves the reranker at chance)."""
+    s: Settings = pipe.settings
     data = deps.get("judge") or deps.get("mine")
     if data is None:
         pipe.skip("reranker", "no curated or mined shards to train on")
         return None
-    model, shards = deps["stage1"].output("model"), data.output("shards")
+    start = str(s.cfg.pipeline.get("reranker_init") or "stage1")
+    if start not in RERANKER_INITS:
+        raise ValueError(f"pipeline.reranker_init={start!r}: use one of {', '.join(RERANKER_INITS)}")
+    if start not in deps:
+        pipe.skip("reranker", f"its initialisation {start} (pipeline.reranker_init) did not run")
+        return None
+    model, shards = deps[start].output("model"), data.output("shards")
     return train_stage(pipe, "reranker", {"init_from": model, "shards": shards}, {"init_from": model},
                        train_shards=str(shards / "*.tar"), output="reranker")
 
@@ -275,7 +287,7 @@ STAGES: dict[str, StageDef] = {d.name: d for d in (
     StageDef("hnm", hnm, requires=("warmup", "mine")),
     StageDef("judge", judge, requires=("hnm",), uses=("stage1",)),
     StageDef("stage3", stage3, requires=("hnm", "judge")),
-    StageDef("reranker", reranker, requires=("stage1",), uses=("judge", "mine")),
+    StageDef("reranker", reranker, uses=("stage1", "judge", "mine", "warmup", "hnm", "stage3")),
     StageDef("eval", final_eval, uses=("stage1", "warmup", "hnm", "stage3", "reranker")),
 )}
 
@@ -292,6 +304,9 @@ def prerequisite(cfg: DictConfig, name: str) -> StageResult:
     from mmembed.launch.config import ConfigError
 
     pipe = pipeline(cfg)
+    # ``pipeline.disabled`` keeps a stage out of the chain (e.g. [stage1]: the warm-up starts from the preset); a
+    # stage asked for by name (the stage-1 model as the MLLM judge) is still built.
+    pipe.disabled = tuple(d for d in pipe.disabled if d != name)
     result = pipe.build(name)
     if result is None:
         raise ConfigError(f"prerequisite stage {name} could not run ({pipe.notes.get(name)})")

@@ -8,7 +8,7 @@ Stages and what they consume (``requires`` must exist; ``uses`` is taken when it
     hnm       stage 2, hard-negative round                                   <- warmup (weights), mine (shards)
     judge     MLLM-as-a-judge curation of the retrieved top-K                <- hnm (retriever)
     stage3    contrastive training on judge-curated data                     <- hnm (weights), judge (shards)
-    reranker  pointwise + listwise reranker                                  <- stage1 (weights), uses judge
+    reranker  pointwise + listwise reranker       <- stage1 or an embedder (pipeline.reranker_init), uses judge
     eval      final evaluation: embedder alone (E) and with the reranker (E+R) <- uses everything above
 
 Each stage is a function registered with :func:`register_stage`; it receives the run's :class:`Pipeline` and the

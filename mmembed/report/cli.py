@@ -34,6 +34,28 @@ def default_out() -> Path:
     return run_root() / "reports" / "reproduction.md"
 
 
+def read_times(path: str | Path) -> list[tuple[str, float]]:
+    """``(part, seconds)`` from a file of ``part<TAB>seconds`` lines (blank lines and ``#`` comments skipped).
+
+    Raises:
+        ReportError: a line is not ``part<TAB>number``.
+    """
+    from mmembed.report.collect import ReportError
+
+    out = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        part, _, seconds = line.rpartition("\t")
+        try:
+            out.append((part.strip(), float(seconds)))
+        except ValueError:
+            raise ReportError(f"--times {path}: line {i} {line!r} is not 'part<TAB>seconds'") from None
+        if not part.strip():
+            raise ReportError(f"--times {path}: line {i} {line!r} is not 'part<TAB>seconds'")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmembed-report", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optional text file of commands, quoted after the command lines the runs recorded")
     p.add_argument("--pipeline-exp", default="pipeline",
                    help="exp name of the Table 7 pipeline runs (default: pipeline; 'any' for every pipeline run)")
+    p.add_argument("--times", default=None, metavar="FILE",
+                   help="tab-separated 'part<TAB>seconds' lines (experiments/reproduce.sh writes them): the script's "
+                        "wall time per table, shown in the report's header")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="REPS",
                    help="replicates of the paired bootstrap over queries (0: skip it; default 1000)")
     return p
@@ -74,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.commands is not None and not Path(args.commands).is_file():
             raise ReportError(f"--commands {args.commands}: no such file (leave it out: the report lists the command "
                               "lines the runs recorded)")
+        if args.times is not None and not Path(args.times).is_file():
+            raise ReportError(f"--times {args.times}: no such file (experiments/reproduce.sh writes it; leave it out "
+                              "to report without the script's wall times)")
         store = Store(args.tracking_uri or default_uri(), args.experiment)
         to_stdout = args.out == "-"
         out = None if to_stdout else Path(args.out) if args.out else default_out()
@@ -81,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         call = "mmembed-report " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
         text, sections = build_report(store, out, img_dir, tables, pins, args.commands,
                                       None if args.pipeline_exp == "any" else args.pipeline_exp, call.strip(),
-                                      args.bootstrap)
+                                      args.bootstrap, times=read_times(args.times) if args.times else None)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

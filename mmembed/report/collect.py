@@ -163,18 +163,29 @@ class Store:
         """The seeds a sweep parent's points ran with (``None`` for points without a ``seed`` param)."""
         return {r.seed for r in self.sweep_records(parent_id)}
 
+    def sweep_cells(self, parent_id: str) -> set[tuple[str | None, ...]]:
+        """The (exp name, judge, curation strategy, seed) points a sweep parent ran: two sweeps of one table overlap
+        when they share one (Table 8's MLLM-judge column, run as its own sweep, does not overlap the simulated one)."""
+        def judge(r: RunRecord) -> str | None:
+            model = r.params.get("judge.model")
+            return None if model in (None, "None") else ("simulated" if model == "simulated" else "mllm")
+
+        return {(r.experiment, judge(r), r.params.get("judge.strategy"), r.seed)
+                for r in self.sweep_records(parent_id)}
+
     def pick_sweeps(self, table: str) -> tuple[list[Any], str | None]:
         """``(parents, note)``: the newest FINISHED (or partly FAILED) parent of ``table``, plus older finished parents
-        of other seeds (a table's seeds may come from several sweeps, e.g. ``seed=0`` then ``seed=1,2``): newest
-        first, a parent whose seeds overlap those already taken is passed over. A note names newer parents that
-        were not used (still running, killed)."""
+        that ran other points (a table's seeds may come from several sweeps, e.g. ``seed=0`` then ``seed=1,2``; Table
+        8's MLLM-judge column from a sweep of its own): newest first, a parent sharing an (exp, judge, strategy,
+        seed) point with those already taken is passed over. A note names newer parents that were not used (still
+        running, killed)."""
         parents = self.sweep_parents(table)
         chosen: list[Any] = []
-        seeds: set[str | None] = set()
+        seeds: set[tuple[str | None, ...]] = set()
         for p in parents:
             if p.info.status not in FINAL:
                 continue
-            mine = self.sweep_seeds(p.info.run_id)
+            mine = self.sweep_cells(p.info.run_id)
             if not chosen or not (mine & seeds):
                 chosen.append(p)
                 seeds |= mine
@@ -276,6 +287,22 @@ def recorded_commands(parents: Sequence[Any], runs: Iterable[Any]) -> tuple[list
                 ids.append(run.info.run_id)
     missing = sum(not p.data.tags.get(tracking.COMMAND_TAG) for p in parents)
     return list(found.items()), missing
+
+
+def split_judges(runs: dict[int, list[RunRecord]]) -> tuple[dict[int, list[RunRecord]], dict[int, list[RunRecord]]]:
+    """Table 8's judge-strategy runs as (judge column, MLLM column): when both the simulated expert judge and an
+    MLLM judge ran, the MLLM judge's runs move to a column of their own; otherwise all stay in the judge column."""
+    from mmembed.judge.simulated import SIMULATED
+
+    def simulated(r: RunRecord) -> bool:
+        return r.params.get("judge.model") == SIMULATED
+
+    flat = [r for n, rs in runs.items() if n > 0 for r in rs]
+    if not (any(simulated(r) for r in flat) and not all(simulated(r) for r in flat)):
+        return runs, {}
+    sim = {n: [r for r in rs if n == 0 or simulated(r)] for n, rs in runs.items()}
+    mllm = {n: [r for r in rs if not simulated(r)] for n, rs in runs.items() if n > 0}
+    return sim, {n: rs for n, rs in mllm.items() if rs}
 
 
 def judge_column_label(runs: dict[int, list[RunRecord]]) -> str:

@@ -105,6 +105,7 @@ def build_report(
     pipeline_experiment: str | None = "pipeline",
     command_line: str = "mmembed-report",
     bootstrap_reps: int = 1000,
+    times: Sequence[tuple[str, float]] | None = None,
 ) -> tuple[str, list[Section]]:
     """Build the sections of ``tables`` from ``store``, draw their plots, and return the markdown and the sections.
 
@@ -119,6 +120,7 @@ def build_report(
         pipeline_experiment: Exp name of the Table 7 pipeline runs (None: any pipeline run).
         command_line: How the report was invoked (quoted in the header).
         bootstrap_reps: Replicates of the paired bootstrap over queries (0: none).
+        times: ``(part, seconds)`` of the script that made the runs (``experiments/reproduce.sh``), shown as measured.
     """
     out, img_dir = (None if out is None else Path(out)), Path(img_dir)
     pins = pins or {}
@@ -144,6 +146,11 @@ def build_report(
                      f"{fmt_seconds(s.parent_s) if s.ran else '—'} |")
     total_c, total_p = sum(s.child_s for s in sections), sum(s.parent_s for s in sections)
     lines += [f"| total | | {fmt_seconds(total_c)} | {fmt_seconds(total_p)} |", ""]
+    if times:
+        lines += ["Wall time of the script that made the runs, per part, as it measured them (`--times`; prerequisite "
+                  "stages built on demand are counted in the part that built them):", "",
+                  "| part | wall time |", "|---|---|", *(f"| {part} | {fmt_seconds(sec)} |" for part, sec in times),
+                  f"| whole script | {fmt_seconds(sum(sec for _, sec in times))} |", ""]
     lines += ["Verdicts at a glance (the primary verdict: paired by seed, with the paired query bootstrap; see *How to "
               "read this report*):", "", *_verdict_counts(sections), "", HOW_TO_READ]
     lines += _command_lines(store, sections, commands_file)

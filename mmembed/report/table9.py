@@ -4,6 +4,7 @@ s=2 on the same seeds (``+exp=ablation_vtc2_tower``)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from mmembed.report.tables import (
     FIT_S,
     PEAK_GIB,
     TITLES,
+    TRAIN_S,
     Section,
     _number_key,
     _sweep_section,
@@ -38,8 +40,15 @@ def _tower_layer(r: RunRecord) -> int | None:
         return None
 
 
+def train_seconds(r: RunRecord) -> float:
+    """The run's training time: ``time/train_s`` (the fit less the evaluations inside it), else ``time/fit_s``
+    (runs made before evaluations were timed apart; those include end-of-stage evaluation)."""
+    value = r.metric(TRAIN_S)
+    return value if math.isfinite(value) else r.metric(FIT_S)
+
+
 def _cells(runs: Sequence[RunRecord]) -> dict[str, Cell]:
-    return {**metric_cells(runs), "time": cell(runs, lambda r: r.metric(FIT_S)),
+    return {**metric_cells(runs), "time": cell(runs, train_seconds),
             "mem": cell(runs, lambda r: r.metric(PEAK_GIB))}
 
 

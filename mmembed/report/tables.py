@@ -11,16 +11,15 @@ from typing import Any
 
 from mmembed.report import paper
 from mmembed.report.bootstrap import QueryBootstrap
-from mmembed.report.collect import SWEEP_TABLES, RunRecord, Store, commits, latest_per_seed, params_of, record
+from mmembed.report.collect import SWEEP_TABLES, RunRecord, Store, commits, latest_per_seed, params_of
 from mmembed.report.markdown import markdown_table
 from mmembed.report.plots import Panel, Series, plot_panels
 from mmembed.report.stats import Cell, Comparison, combine
-from mmembed.tracking.store import STAGE_REUSED_TAG
 
 MMEB, VISDOC = "val/mmeb/overall", "val/visdoc/overall"
 # The fit's own peak: memory above what the process held when the fit started (the process baseline -- Python,
 # torch, the model -- would otherwise hide a difference in activations on a small model).
-FIT_S, PEAK_GIB = "time/fit_s", "peak_memory/fit_gib"
+FIT_S, TRAIN_S, PEAK_GIB = "time/fit_s", "time/train_s", "peak_memory/fit_gib"
 NAMES = {"mmeb": "MMEB", "visdoc": "VisDoc", "avg": "Avg."}
 
 # The command that makes each table's runs (shown when a table was not run); experiments/reproduce.sh holds the
@@ -244,10 +243,15 @@ def table8(store: Store, out: Path | None, img_dir: Path, pinned: Sequence[str] 
         col = "margin" if strategy == "margin" else ("rule" if m.group(2) or strategy == "rule" else "judge")
         for c in (("judge", "rule") if n == 0 else (col,)):
             groups[c].setdefault(n, []).append(r)
-    from mmembed.report.collect import judge_column_label
+    from mmembed.report.collect import judge_column_label, split_judges
 
+    # Simulated-judge and MLLM-judge runs side by side: the simulated judge's column is the judge column, the MLLM
+    # judge (the kit's stage-1 model, the paper's path) gets its own; runs of one kind alone keep the judge column.
+    groups["judge"], groups["mllm"] = split_judges(groups["judge"])
     judge = judge_column_label(groups["judge"])
-    cols = [("judge", judge), ("rule", "rule")] + ([("margin", "margin control")] if groups["margin"] else [])
+    mllm = judge_column_label(groups["mllm"]) + " (kit stage-1 model)"
+    cols = [("judge", judge), ("rule", "rule")] + ([("mllm", mllm)] if groups["mllm"] else [])
+    cols += [("margin", "margin control")] if groups["margin"] else []
     ns = sorted(set(groups["judge"]) | set(groups["rule"]) | set(paper.TABLE8["judge"]))
     cells = {col: {n: metric_cells(groups[col].get(n, [])) for n in ns} for col in groups}
     rows = []
@@ -256,7 +260,7 @@ def table8(store: Store, out: Path | None, img_dir: Path, pinned: Sequence[str] 
         for col, label in cols:
             for m in ("mmeb", "visdoc", "avg"):
                 row[f"{label} {NAMES[m]} (ours)"] = cells[col][n][m].fmt()
-                if col != "margin":  # the paper has no margin control; its judge column is an MLLM
+                if col in ("judge", "rule"):  # the paper has no margin control; its judge column is an MLLM
                     theirs = "paper: MLLM" if col == "judge" else "paper"
                     row[f"{label} {NAMES[m]} ({theirs})"] = fmt_paper(paper.TABLE8[col].get(n, {}).get(m))
         rows.append(row)
@@ -275,6 +279,9 @@ def table8(store: Store, out: Path | None, img_dir: Path, pinned: Sequence[str] 
     for m in ("avg", "mmeb", "visdoc"):
         claims += [Comparison(f"(b) {judge} beats rule at n={n}", NAMES[m], cells["judge"][n][m], cells["rule"][n][m])
                    for n in ns if n > 0]
+    if groups["mllm"]:  # the paper's path: does the kit's own MLLM judge beat the rule?
+        claims += [Comparison(f"(e) {mllm} beats rule at n={n}", NAMES[m], cells["mllm"][n][m], cells["rule"][n][m])
+                   for m in ("avg",) for n in ns if n > 0 and cells["mllm"][n][m].n]
     if groups["margin"]:  # does the judge do more than drop the hardest candidates?
         claims += [Comparison(f"(d) {judge} beats the margin control at n={n}", NAMES[m], cells["judge"][n][m],
                               cells["margin"][n][m]) for m in ("avg",) for n in ns if n > 0]
@@ -375,75 +382,10 @@ def table10(store: Store, out: Path | None, img_dir: Path, pinned: Sequence[str]
 # ------------------------------------------------------------------------------------------------ pipeline
 def table7(store: Store, out: Path | None, img_dir: Path, pinned: Sequence[str] | None = None,
            experiment: str | None = "pipeline") -> Section:
-    """Table 7: the cumulative pipeline steps (warm-up, + HNM, + judge FT, + reranker) over pipeline runs (seeds)."""
-    import pandas as pd
+    """Table 7 (``mmembed.report.table7``: the pipeline's cumulative steps, and where the chain starts)."""
+    from mmembed.report.table7 import table7 as build
 
-    parents = [store.get(p) for p in pinned] if pinned else store.pick_pipelines(experiment)
-    if not parents:
-        return not_run("7", f"no finished pipeline run (tag `mmembed.pipeline`, exp `{experiment}`)")
-    section = Section("7")
-    section.parents = [p.info.run_id for p in parents]
-    children = [ch for p in parents for ch in store.children.get(p.info.run_id, [])]
-    section.runs = [*parents, *children]
-    # One record per (pipeline, step): the step's scores, keyed by the pipeline's seed.
-    steps: dict[str, list[RunRecord]] = {}
-    order: list[str] = []
-    pipelines = []
-    for p in parents:
-        rec = record(p)
-        rec.seed = store.pipeline_seed(p)
-        pipelines.append(rec)
-        for row in store.pipeline_steps(p.info.run_id):
-            label = str(row.get("step"))
-            if label not in order:
-                order.append(label)
-            metrics = {k: float(v) for k, v in row.items() if k in (MMEB, VISDOC) and v is not None}
-            steps.setdefault(label, []).append(RunRecord(p.info.run_id, label, "FINISHED", rec.experiment, rec.seed,
-                                                         metrics=metrics, start_ms=rec.start_ms))
-    child_records = [record(ch) for ch in children]
-    section.body += run_lines(section, parents, child_records, "pipeline parents", seeds_of=pipelines)
-    section.body[0] = section.body[0].replace("jobs, seeds", "stage runs, pipeline seeds")
-    reused = sum(ch.data.tags.get(STAGE_REUSED_TAG) == "true" for ch in children)
-    if reused:  # a rerun that reused stages: their build time lives in the runs that built them, not counted here
-        section.body[1] = section.body[1].rstrip() + (f" {reused} of the {len(children)} stage runs stand for stages "
-                                                      "reused from an earlier run; their build time is not counted.")
-    section.body.insert(1, "Seeds of the pipelines: " + ", ".join(f"`{r.run_id[:8]}` seed {r.seed or '?'}"
-                                                                  for r in pipelines) + ".")
-    keys = {label: STEP_LABELS.get(label) for label in order}
-    cells = {label: metric_cells(recs) for label, recs in steps.items()}
-    rows = []
-    for label in order:
-        key = keys[label]
-        p = paper.TABLE7.get(key, {}) if key else {}
-        rows.append({"step (ours)": label, "paper row": PAPER_STEP_NAMES.get(key, "— (not in the paper)"),
-                     "MMEB (ours)": cells[label]["mmeb"].fmt(), "MMEB (paper)": fmt_paper(p.get("mmeb")),
-                     "VisDoc (ours)": cells[label]["visdoc"].fmt(), "VisDoc (paper)": fmt_paper(p.get("visdoc"))})
-    section.body += [markdown_table(pd.DataFrame(rows))]
-    missing = [PAPER_STEP_NAMES[k] for k in paper.TABLE7 if k not in keys.values()]
-    if missing:
-        section.body += [f"Rows missing from the pipeline summaries: {', '.join(missing)}.", ""]
-    bad = [r for r in pipelines if not r.ok] + [r for r in child_records if not r.ok]
-    section.body += failed_lines(bad) + [""]
-    if any(not r.ok for r in pipelines):
-        section.body += ["(A failed pipeline's summary holds the steps it completed: those rows are real and are "
-                         "averaged; the steps it did not reach are missing from its seed.)", ""]
-    by_key = {k: cells[label] for label, k in keys.items() if k}
-    paper_keys = list(paper.TABLE7)
-    for prev, cur in zip(paper_keys, paper_keys[1:]):
-        if prev in by_key and cur in by_key:
-            for m in ("mmeb", "visdoc"):
-                section.claims.append(Comparison(f"{PAPER_STEP_NAMES[cur]} improves on the row above", NAMES[m],
-                                                 by_key[cur][m], by_key[prev][m]))
-    section.body += claims_lines(section, store)
-    path = img_dir / "repro_table7.png"
-    shown = [k for k in paper_keys if k in by_key]
-    if shown:
-        panels = [Panel(NAMES[m], [Series("step", [by_key[k][m] for k in shown]),
-                                   Series("step", paper=[paper.TABLE7[k][m] for k in shown])])
-                  for m in ("mmeb", "visdoc")]
-        plot_panels(path, [SHORT_STEP_NAMES[k] for k in shown], panels, TITLES["7"])
-        section.body += ["", f"![Table 7]({image_ref(path, out)})"]
-    return section
+    return build(store, out, img_dir, pinned, experiment)
 
 
 BUILDERS = {"7": table7, "8": table8, "9": table9, "10": table10}
