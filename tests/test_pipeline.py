@@ -338,3 +338,17 @@ def test_slurm_launcher_config_composes_for_multinode(tmp_path):
     assert launcher["_target_"].endswith("SlurmLauncher") and launcher["partition"] == "gpu"
     assert OmegaConf.select(cfg, "hydra.launcher.nodes") == 2 == cfg.trainer.num_nodes
     assert OmegaConf.select(cfg, "hydra.launcher.tasks_per_node") == 4
+
+
+def test_pipeline_runs_record_where_their_chain_and_reranker_start():
+    from omegaconf import OmegaConf
+
+    from mmembed.launch.summary import start_tags
+
+    def cfg(disabled, init=None):
+        return OmegaConf.create({"backbone": {"name_or_path": "tiny"}, "pipeline": {
+            "stages": ["stage1", "warmup", "eval"], "disabled": disabled, "reranker_init": init}})
+
+    assert start_tags(cfg([])) == {"mmembed.pipeline.start": "stage 1", "mmembed.pipeline.reranker_init": "stage1"}
+    assert start_tags(cfg(["stage1"], "hnm")) == {"mmembed.pipeline.start": "backbone tiny",
+                                                  "mmembed.pipeline.reranker_init": "hnm"}

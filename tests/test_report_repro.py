@@ -73,9 +73,10 @@ def test_table9_training_time_leaves_the_evaluations_out(tmp_path):
     assert "training time **2.00×**" in md
 
 
-def _pipeline(uri, root, exp, seed, rows):
+def _pipeline(uri, root, exp, seed, rows, start="backbone tiny"):
     parent = tracking.start_pipeline_run("mmembed", f"pipeline: {exp}", uri, root,
-                                         tags={"mmembed.experiment": exp, tracking.SEED_TAG: seed})
+                                         tags={"mmembed.experiment": exp, tracking.SEED_TAG: seed,
+                                               tracking.PIPELINE_START_TAG: start, tracking.RERANKER_INIT_TAG: "hnm"})
     frame = pd.DataFrame([{"step": s, MMEB: m + seed, VISDOC: v} for s, m, v in rows])
     tracking.log_pipeline_summary(parent, frame, [MMEB, VISDOC], tracking_uri=uri)
     return parent
@@ -87,9 +88,10 @@ def test_table7_shows_where_the_chain_starts_with_the_paired_claim(tmp_path):
     for seed in (0, 1, 2):
         _pipeline(uri, root, "pipeline", seed, [("+ stage 2 warm-up", 20.0, 2.0), ("+ global HNM", 23.0, 2.5)])
         _pipeline(uri, root, "start_stage1", seed, [("+ stage 1 restoration", 9.0, 1.0),
-                                                    ("+ stage 2 warm-up", 15.0 + 0.1 * seed, 1.5)])
+                                                    ("+ stage 2 warm-up", 15.0 + 0.1 * seed, 1.5)], "stage 1")
     section = tables.table7(collect.Store(uri, "mmembed"), tmp_path / "r.md", tmp_path / "img")
     md = "\n".join(section.body)
+    assert "Starts from: the warm-up from backbone tiny, the reranker from hnm (" in md  # Table 7's own pipelines
     assert "### Where the chain starts" in md and "| stage 1 restoration alone | 10.00 ± 1.00 (n=3)" in md
     assert len(section.parents) == 6  # both kinds of pipeline count in the table's runs and wall time
     start = {c.metric: c for c in section.claims if c.claim.startswith("(start)")}

@@ -73,6 +73,17 @@ def print_table(rows: list[dict[str, Any]], notes: Mapping[str, str], elapsed: f
     console.print(f"pipeline took {elapsed:.1f}s")
 
 
+def start_tags(cfg: DictConfig) -> dict[str, str]:
+    """Where the pipeline's embedder chain and its reranker start, as the report names them: ``stage 1`` (when it
+    is a stage of the run and not disabled), else the backbone (preset or folder) the warm-up starts from."""
+    p = cfg.pipeline
+    stage1 = "stage1" in p.stages and "stage1" not in p.disabled
+    from mmembed.tracking import PIPELINE_START_TAG, RERANKER_INIT_TAG
+
+    return {PIPELINE_START_TAG: "stage 1" if stage1 else f"backbone {cfg.backbone.name_or_path}",
+            RERANKER_INIT_TAG: str(p.get("reranker_init") or "stage1")}
+
+
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     """``task=pipeline``: build (or reuse) ``pipeline.stages`` in order, print the Table 7-shaped summary, log a
     parent MLflow run with one child per stage and the summary table + plot as its artifacts."""
@@ -88,7 +99,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
 
         parent = start_pipeline_run(settings.experiment_name, f"pipeline: {cfg.exp_name}", tracking_uri=settings.uri,
                                     output_dir=settings.output_dir,
-                                    tags={"mmembed.experiment": cfg.exp_name, "mmembed.seed": cfg.seed})
+                                    tags={"mmembed.experiment": cfg.exp_name, "mmembed.seed": cfg.seed,
+                                          **start_tags(cfg)})
     pipe = pipeline(cfg, parent)
     status, results = "FAILED", {}
     try:

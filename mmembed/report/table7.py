@@ -30,7 +30,8 @@ from mmembed.report.tables import (
     not_run,
     run_lines,
 )
-from mmembed.tracking.store import STAGE_REUSED_TAG
+from mmembed.tracking.store import PIPELINE_START_TAG as START_TAG
+from mmembed.tracking.store import RERANKER_INIT_TAG, STAGE_REUSED_TAG
 
 
 def pipeline_step_records(store: Store, parents: Sequence[Any]
@@ -106,6 +107,11 @@ def table7(store: Store, out: Path | None, img_dir: Path, pinned: Sequence[str] 
     if reused:  # a rerun that reused stages: their build time lives in the runs that built them, not counted here
         section.body[1] = section.body[1].rstrip() + (f" {reused} of the {len(children)} stage runs stand for stages "
                                                       "reused from an earlier run; their build time is not counted.")
+    starts = sorted({f"the warm-up from {p.data.tags.get(START_TAG, '?')}, the reranker from "
+                     f"{p.data.tags.get(RERANKER_INIT_TAG, '?')}" for p in parents})
+    section.body.insert(1, f"Starts from: {'; '.join(starts)} (`mmembed.pipeline.start` / "
+                        "`mmembed.pipeline.reranker_init` tags of the pipeline runs; '?': runs made before they "
+                        "were recorded).")
     section.body.insert(1, "Seeds of the pipelines: " + ", ".join(f"`{r.run_id[:8]}` seed {r.seed or '?'}"
                                                                   for r in pipelines) + ".")
     keys = {label: STEP_LABELS.get(label) for label in order}

@@ -26,6 +26,8 @@ SWEEP_DIR_TAG = "mmembed.sweep_dir"
 SWEEP_PARENT_TAG = "mmembed.sweep_parent"
 EXPERIMENT_TAG = "mmembed.experiment"
 SEED_TAG = "mmembed.seed"  # on pipeline parents: the seed every stage of that pipeline ran with
+# on pipeline parents: where the embedder chain's warm-up and the reranker start (mmembed.launch.summary.start_tags)
+PIPELINE_START_TAG, RERANKER_INIT_TAG = "mmembed.pipeline.start", "mmembed.pipeline.reranker_init"
 # The MLflow 3 UI reads the experiment kind from this tag; without it, it may infer a GenAI experiment and open on the
 # (empty) traces overview. "custom_model_development" is the kind its runs-table view is for.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
