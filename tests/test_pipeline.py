@@ -352,3 +352,28 @@ def test_pipeline_runs_record_where_their_chain_and_reranker_start():
     assert start_tags(cfg([])) == {"mmembed.pipeline.start": "stage 1", "mmembed.pipeline.reranker_init": "stage1"}
     assert start_tags(cfg(["stage1"], "hnm")) == {"mmembed.pipeline.start": "backbone tiny",
                                                   "mmembed.pipeline.reranker_init": "hnm"}
+
+
+def test_a_pipeline_stopping_at_the_warmup_builds_nothing_after_it(tmp_path, monkeypatch):
+    """``pipeline.stages=[stage1, warmup, eval]`` (+exp=start_stage1): the final evaluation reads what the run
+    built; it once built mining, HNM, the judge, stage 3 and the reranker as its 'uses'."""
+    from omegaconf import OmegaConf
+
+    from mmembed.launch import stages
+    from mmembed.pipeline import StageResult
+
+    built = []
+
+    def fake(pipe, name, inputs, set_keys, **kw):
+        built.append((name, {k: str(v) for k, v in set_keys.items()}))
+        return StageResult(name, "k", tmp_path / name, {"model": "embedder"},
+                           {"before": {}, "after": {"val/mmeb/overall": float(len(built))}})
+
+    monkeypatch.setattr(stages, "train_stage", fake)
+    cfg = OmegaConf.create({"pipeline": {"reranker_init": "stage1"}, "paths": {"output_dir": str(tmp_path)}})
+    pipe = Pipeline(StageStore(tmp_path), stages.Settings(cfg=cfg, overrides=[]), stages=stages.STAGES)
+    pipe.run(["stage1", "warmup", "eval"])
+    assert built == [("stage1", {}), ("warmup", {"init_from": str(tmp_path / "stage1" / "embedder")})]
+    rows = pipe.results["eval"].metrics["rows"]
+    assert [(r["step"], r.get("val/mmeb/overall")) for r in rows][1:] == [("+ stage 1 restoration", 1.0),
+                                                                          ("+ stage 2 warm-up", 2.0)]

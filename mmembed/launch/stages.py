@@ -270,10 +270,12 @@ def reranker(pipe: Pipeline, deps: Mapping[str, StageResult]) -> StageResult | N
 
 def final_eval(pipe: Pipeline, deps: Mapping[str, StageResult]) -> StageResult | None:
     """Final evaluation: the last embedder alone (E, its stage's end-of-training evaluation) and, once a reranker
-    exists, embedder + reranker (E+R) on the same sets."""
+    exists, embedder + reranker (E+R) on the same sets. It reads the stages this run built (``pipeline.stages``)
+    and builds none: ``pipeline.stages=[stage1, warmup, eval]`` stops after the warm-up."""
     from mmembed.launch.summary import rerank_row, summary_rows
 
     rows = summary_rows(pipe.results)
+    deps = {name: r for name, r in pipe.results.items() if r is not None}
     if "reranker" in deps:
         rows.append(rerank_row(pipe.settings.cfg, deps))
     return StageResult("eval", "-", Path(pipe.settings.cfg.paths.output_dir), {}, {"rows": rows}, reused=False)
@@ -288,7 +290,7 @@ STAGES: dict[str, StageDef] = {d.name: d for d in (
     StageDef("judge", judge, requires=("hnm",), uses=("stage1",)),
     StageDef("stage3", stage3, requires=("hnm", "judge")),
     StageDef("reranker", reranker, uses=("stage1", "judge", "mine", "warmup", "hnm", "stage3")),
-    StageDef("eval", final_eval, uses=("stage1", "warmup", "hnm", "stage3", "reranker")),
+    StageDef("eval", final_eval),  # reads what the run built (pipe.results); building nothing itself
 )}
 
 
