@@ -193,6 +193,66 @@ def test_a_fixed_batch_is_memorised(builder):
     assert float(out.point_acc) == 1.0 and float(out.list_acc) == 1.0
 
 
+def _holdout_script():
+    """experiments/holdout_shards.py as a module (a script, not a package member)."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "holdout_shards.py"
+    spec = importlib.util.spec_from_file_location("holdout_shards", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_held_out_shards_give_val_accuracies_on_their_own_queries(tmp_path, builder):
+    """``experiments/holdout_shards.py`` splits shards by query; ``val_shards`` (data/reranker.yaml, default off) then
+    gives pointwise and listwise batches of the held-out queries only, and ``val/point_acc`` / ``val/list_acc`` are
+    logged at every ``val_check_interval``."""
+    import lightning as L
+    from mmembed.datamodules.reranker import RerankerDataModule
+
+    from mmembed.backbone import build_backbone
+    from mmembed.data.shards import iter_decoded, write_shards
+    from mmembed.modules import RerankerModule
+
+    def samples(n: int):
+        for i in range(n):
+            s = _decoded(i, [Side(text=f"wrong {i} {j}", id=f"toy/n{i}_{j}") for j in range(3)]).sample
+            s.query.image = "query.png"
+            yield s, {"query.png": make_image(color=("red", "green")[i % 2])}
+
+    write_shards(samples(24), str(tmp_path / "all" / "toy-%03d.tar"), maxcount=12)  # 2 shards of 12
+    _holdout_script().main([str(tmp_path / "all" / "*.tar"), str(tmp_path / "split"), "--every", "4"])
+    train_ids = [d.sample.id for d in iter_decoded(str(tmp_path / "split" / "train" / "*.tar"))]
+    held = [d.sample.id for d in iter_decoded(str(tmp_path / "split" / "val" / "*.tar"))]
+    assert sorted(held) == sorted(f"toy/{i}" for i in (3, 7, 11, 15, 19, 23))  # every 4th query of each shard
+    assert len(train_ids) == 18 and not set(train_ids) & set(held)
+    assert all(d.images for d in iter_decoded(str(tmp_path / "split" / "val" / "*.tar")))  # files stay together
+    torch.manual_seed(0)
+    module = RerankerModule(build_backbone("tiny", finetune={"mode": "lora", "lora_r": 4, "lora_alpha": 8}))
+    dm = RerankerDataModule(train_shards=str(tmp_path / "split" / "train" / "*.tar"),
+                            val_shards=str(tmp_path / "split" / "val" / "*.tar"),
+                            batch_size=4, num_workers=0, samples_per_epoch=16, input_builder=module.input_builder)
+    dm.setup("fit")
+    val = list(dm.val_dataloader())
+    assert sorted(i for b in val for i in b["ids"]) == sorted(held)  # every held-out query once, no training one
+    assert all("point" in b and "list" in b for b in val)
+    calls = []
+
+    class Seen(L.Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            calls.append(list(batch["ids"]))
+
+    trainer = L.Trainer(max_steps=4, val_check_interval=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        use_distributed_sampler=False, accelerator="cpu", callbacks=[Seen()])
+    trainer.fit(module, datamodule=dm)
+    assert len(calls) == 2 * len(val)  # two validation passes (steps 2 and 4), each over all held-out batches
+    for key in ("val/point_acc", "val/list_acc", "val/point_loss", "val/list_loss"):
+        assert 0.0 <= float(trainer.callback_metrics[key]) <= (1.0 if key.endswith("acc") else 10.0)
+
+
 # ---------------------------------------------------------------------------------------------- the Reranker
 def test_reranker_scores_batches_and_implements_the_rerank_hook(tiny_backbone, builder):
     from mmembed import Reranker
