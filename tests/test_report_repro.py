@@ -50,6 +50,7 @@ def test_table8_mllm_judge_sweep_is_a_column_of_its_own_beside_the_simulated_jud
     section = tables.table8(store, tmp_path / "r.md", tmp_path / "img")
     md = "\n".join(section.body)
     assert "simulated expert judge MMEB (ours)" in md and "MLLM judge (kit stage-1 model) MMEB (ours)" in md
+    assert "on MMEB (simulated expert judge column, " in md  # the peak line names the column it read
     claims = {(c.claim, c.metric): c for c in section.claims}
     sim_claim = claims[("(b) simulated expert judge beats rule at n=4", "MMEB")]
     assert sim_claim.a.mean == 56.5 and sim_claim.a.n == 2  # the MLLM runs are not averaged into it

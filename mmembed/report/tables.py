@@ -286,7 +286,7 @@ def table8(store: Store, out: Path | None, img_dir: Path, pinned: Sequence[str] 
         claims += [Comparison(f"(d) {judge} beats the margin control at n={n}", NAMES[m], cells["judge"][n][m],
                               cells["margin"][n][m]) for m in ("avg",) for n in ns if n > 0]
     section.claims = [c for c in claims if c.a.n or c.b.n]
-    extra = ["", *_peak_lines(cells["judge"], ns)]
+    extra = ["", *_peak_lines(cells["judge"], ns, judge)]
     section.claims += _peak_claims(cells["judge"], ns)
     section.body += claims_lines(section, store, extra)
 
@@ -323,11 +323,11 @@ def _peak_claims(cells: dict[int, dict[str, Cell]], ns: Sequence[int]) -> list[C
                        cells[n]["mmeb"]) for n in ns if n not in (0, want) and cells[n]["mmeb"].n]
 
 
-def _peak_lines(cells: dict[int, dict[str, Cell]], ns: Sequence[int]) -> list[str]:
+def _peak_lines(cells: dict[int, dict[str, Cell]], ns: Sequence[int], column: str = "MLLM judge") -> list[str]:
     peaks = best_keys(cells, ns, "mmeb")
     if not peaks:
         return []
-    text = (f"(c) Peak: ours peaks at **n = {_or(peaks)}** on MMEB (MLLM column, {cells[peaks[0]]['mmeb'].fmt()}); "
+    text = (f"(c) Peak: ours peaks at **n = {_or(peaks)}** on MMEB ({column} column, {cells[peaks[0]]['mmeb'].fmt()}); "
             "the paper's "
             f"text says n = {paper.TABLE8_PEAK_N} (its Table 8 prints 68.0 at n = 12 and 67.9 at n = 16). The (c) rows "
             f"above compare n = {paper.TABLE8_PEAK_N} with every other n > 0: the claim holds beyond noise only if "
