@@ -48,11 +48,12 @@ def read_times(path: str | Path) -> list[tuple[str, float]]:
             continue
         part, _, seconds = line.rpartition("\t")
         try:
-            out.append((part.strip(), float(seconds)))
+            value = float(seconds)
         except ValueError:
-            raise ReportError(f"--times {path}: line {i} {line!r} is not 'part<TAB>seconds'") from None
-        if not part.strip():
+            value = None
+        if value is None or not part.strip():
             raise ReportError(f"--times {path}: line {i} {line!r} is not 'part<TAB>seconds'")
+        out.append((part.strip(), value))
     return out
 
 

@@ -159,18 +159,10 @@ class Store:
         parents = [r for r in self.runs.values() if r.data.tags.get(tracking.SWEEP_PARENT_TAG) == "true"]
         return self.newest_first(p for p in parents if self.sweep_table(p.info.run_id) == table)
 
-    def sweep_seeds(self, parent_id: str) -> set[str | None]:
-        """The seeds a sweep parent's points ran with (``None`` for points without a ``seed`` param)."""
-        return {r.seed for r in self.sweep_records(parent_id)}
-
     def sweep_cells(self, parent_id: str) -> set[tuple[str | None, ...]]:
         """The (exp name, judge, curation strategy, seed) points a sweep parent ran: two sweeps of one table overlap
         when they share one (Table 8's MLLM-judge column, run as its own sweep, does not overlap the simulated one)."""
-        def judge(r: RunRecord) -> str | None:
-            model = r.params.get("judge.model")
-            return None if model in (None, "None") else ("simulated" if model == "simulated" else "mllm")
-
-        return {(r.experiment, judge(r), r.params.get("judge.strategy"), r.seed)
+        return {(r.experiment, judge_kind(r), r.params.get("judge.strategy"), r.seed)
                 for r in self.sweep_records(parent_id)}
 
     def pick_sweeps(self, table: str) -> tuple[list[Any], str | None]:
@@ -289,13 +281,20 @@ def recorded_commands(parents: Sequence[Any], runs: Iterable[Any]) -> tuple[list
     return list(found.items()), missing
 
 
+def judge_kind(r: RunRecord) -> str | None:
+    """Which judge a run's ``judge.model`` names: ``"simulated"`` (the simulated expert judge), ``"mllm"`` (a model
+    folder), or None (no judge set)."""
+    from mmembed.judge.simulated import SIMULATED
+
+    model = r.params.get("judge.model")
+    return None if model in (None, "None") else ("simulated" if model == SIMULATED else "mllm")
+
+
 def split_judges(runs: dict[int, list[RunRecord]]) -> tuple[dict[int, list[RunRecord]], dict[int, list[RunRecord]]]:
     """Table 8's judge-strategy runs as (judge column, MLLM column): when both the simulated expert judge and an
     MLLM judge ran, the MLLM judge's runs move to a column of their own; otherwise all stay in the judge column."""
-    from mmembed.judge.simulated import SIMULATED
-
     def simulated(r: RunRecord) -> bool:
-        return r.params.get("judge.model") == SIMULATED
+        return judge_kind(r) == "simulated"
 
     flat = [r for n, rs in runs.items() if n > 0 for r in rs]
     if not (any(simulated(r) for r in flat) and not all(simulated(r) for r in flat)):
